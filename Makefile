@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install into .venv, make a sample WebVid corpus, run the pipeline on it
+#   make test   - install into .venv, lint, run the test suite
+# On a GPU cluster install into your own environment instead: `pip install -e .` next to your CUDA torch.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# torch is pinned in the same pip command: 2.13.0 is a CPU wheel; a looser spec pulls a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+DEMO    ?= demo_out
+export RAY_AUTH_MODE ?= disabled
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_DEDUP_LOGS ?= 0
+
+.PHONY: setup demo test lint format bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python cli.py make-sample --output $(DEMO)/webvid --clips 12
+	$(BIN)/python cli.py preprocess --annotations $(DEMO)/webvid/annotations --videos $(DEMO)/webvid/videos \
+		--output $(DEMO)/shards --samples-per-shard 4
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python benchmarks/preprocess_bench.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""The preprocessing stage's typed config (YAML file and/or CLI flags, ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import ConfigError, fingerprint
+
+
+@dataclass
+class CaptionConfig:
+    """Caption cleaning as in the original: lower-case, strip ``[.!"()*#:;~]``, at most 50 words."""
+
+    clean: bool = True
+    lowercase: bool = True
+    strip_chars: str = '.!"()*#:;~'
+    max_words: int = 50
+
+
+@dataclass
+class PreprocessConfig:
+    # input: WebVid CSV/TSV annotations + videos folder, or a folder of WebDataset tars of videos
+    annotations: str | None = None
+    videos: str | None = None
+    tars: str | None = None
+    output: str = ""
+    format: Literal["webdataset", "arrow"] = "webdataset"
+    samples_per_shard: int = 256  # input rows per shard; failed rows make a shard smaller
+    # frame sampling
+    num_frames: int = 8
+    sampling: Literal["uniform", "headtail", "random"] = "uniform"
+    seed: int = 0
+    size: int = 224
+    resize: Literal["squash", "center_crop"] = "squash"
+    min_frames: int | None = None  # clips with fewer frames fail as too_short (default: num_frames)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    # fault bounds for the decoder subprocess
+    decode_timeout_s: float = 60.0
+    decode_memory_mb: int = 4096
+    decoder_recycle_every: int = 500  # restart the decoder process every N clips (decord leaks)
+    # execution
+    workers: int | None = None  # local Ray CPUs (default: all cores)
+    ray_address: str | None = None  # join an existing Ray cluster instead
+    object_store_mb: int | None = None
+    limit: int | None = None  # only the first N input rows (smoke runs)
+    progress_every_s: float = 5.0
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ConfigError("output: an output folder is required (--output DIR)")
+        if self.tars and (self.annotations or self.videos):
+            raise ConfigError("give either --tars or --annotations/--videos, not both")
+        if not self.tars and not (self.annotations and self.videos):
+            raise ConfigError(
+                "input: give --annotations and --videos (WebVid layout) or --tars (WebDataset tars)"
+            )
+        if not 1 <= self.num_frames <= 32:
+            raise ConfigError(
+                f"num_frames: {self.num_frames} is outside 1..32 (the frame position embedding has 32 rows)"
+            )
+        if self.samples_per_shard < 1:
+            raise ConfigError("samples_per_shard: must be >= 1")
+        if self.size < 16:
+            raise ConfigError(f"size: {self.size} is too small (>= 16)")
+        if self.min_frames is not None and self.min_frames < 1:
+            raise ConfigError("min_frames: must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("workers: must be >= 1")
+        if self.decode_timeout_s <= 0:
+            raise ConfigError("decode_timeout_s: must be > 0")
+        if self.sampling == "headtail" and self.num_frames % 2:
+            raise ConfigError("sampling=headtail needs an even num_frames (half from each half of the clip)")
+
+    @property
+    def required_frames(self) -> int:
+        return self.min_frames if self.min_frames is not None else self.num_frames
+
+    def output_fingerprint(self) -> str:
+        """Hash of everything that changes the shards' contents; a rerun must match it to resume."""
+        return fingerprint(
+            {
+                "input": [self.annotations, self.videos, self.tars, self.limit],
+                "format": self.format,
+                "samples_per_shard": self.samples_per_shard,
+                "frames": [
+                    self.num_frames,
+                    self.sampling,
+                    self.seed,
+                    self.size,
+                    self.resize,
+                    self.required_frames,
+                ],
+                "caption": vars(self.caption),
+            }
+        )

@@ -1,0 +1,250 @@
+"""Frame sampling and decord decoding, run in a child process with a time and memory bound.
+
+decord is C++ over FFmpeg: a bad file can hang it (a stalled network mount, a pipe) or make it
+allocate without limit, and it leaks on large videos. So decoding happens in a long-lived child
+process (``python -m preprocess.decode``) that the Ray task talks to over a pipe: a request that
+takes longer than ``timeout_s`` kills the child (the row fails as ``decode_timeout``), the child runs
+under ``RLIMIT_AS`` (an allocation blow-up fails the row, not the node), and the child is replaced
+every ``recycle_every`` clips so leaks cannot accumulate.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+_HEADER = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    num_frames: int = 8
+    sampling: Literal["uniform", "headtail", "random"] = "uniform"
+    size: int = 224
+    resize: Literal["squash", "center_crop"] = "squash"
+    min_frames: int = 8
+    threads: int = 1
+
+
+class DecodeFailure(Exception):
+    """A per-clip failure with a short machine-readable reason (``too_short``, ``no_video_stream``, ...)."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason, self.message = reason, message
+
+
+def sample_indices(vlen: int, n: int, mode: str, rng: np.random.Generator) -> list[int]:
+    """The original's samplers: ``uniform`` = floor(i*vlen/n); ``headtail`` = n/2 random from each half;
+    ``random`` = n distinct random frames, sorted."""
+    if mode == "uniform":
+        return [int(i * vlen / n) for i in range(n)]
+    if mode == "headtail":
+        half, rest = vlen // 2, vlen - vlen // 2
+        k_head = n // 2
+        head = sorted(rng.choice(half, size=k_head, replace=False).tolist()) if k_head else []
+        tail = sorted(rng.choice(rest, size=n - k_head, replace=False).tolist())
+        return [int(i) for i in head] + [half + int(i) for i in tail]
+    if mode == "random":
+        return sorted(int(i) for i in rng.choice(vlen, size=n, replace=False))
+    raise ValueError(f"unknown sampling {mode!r}")
+
+
+def _open_source(source: dict[str, Any]):
+    """A path, or a member of a tar given by (tar, offset, size): read only those bytes."""
+    if "tar" in source:
+        with open(source["tar"], "rb") as f:
+            f.seek(source["offset"])
+            return io.BytesIO(f.read(source["size"]))
+    return source["path"]
+
+
+def _target_size(src, spec: SamplingSpec) -> tuple[int, int]:
+    """(width, height) that decord should decode to: the target square, or short side = size."""
+    if spec.resize == "squash":
+        return spec.size, spec.size
+    import av
+
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
+    with av.open(src) as c:
+        if not c.streams.video:
+            raise DecodeFailure("no_video_stream", "the file has no video stream")
+        w, h = c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
+    scale = spec.size / min(w, h)
+    return max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+
+
+def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> dict[str, Any]:
+    """Open with decord straight at the target size, sample indices, decode only those frames."""
+    import decord
+
+    src = _open_source(source)
+    width, height = _target_size(src, spec)
+    try:
+        vr = decord.VideoReader(src, width=width, height=height, num_threads=spec.threads)
+    except Exception as e:  # decord raises RuntimeError / DECORDError with FFmpeg's text
+        msg = str(e).splitlines()[0][:300]
+        reason = "no_video_stream" if "video stream" in msg else "decode_error"
+        raise DecodeFailure(reason, msg) from None
+    vlen = len(vr)
+    if vlen < spec.min_frames:
+        raise DecodeFailure("too_short", f"{vlen} frames < {spec.min_frames} required")
+    indices = sample_indices(vlen, spec.num_frames, spec.sampling, np.random.default_rng(seed))
+    try:
+        frames = vr.get_batch(indices).asnumpy()
+        times = vr.get_frame_timestamp(indices)[:, 0]
+    except Exception as e:
+        raise DecodeFailure("decode_error", str(e).splitlines()[0][:300]) from None
+    if spec.resize == "center_crop":
+        top, left = (height - spec.size) // 2, (width - spec.size) // 2
+        frames = frames[:, top : top + spec.size, left : left + spec.size]
+    fps = float(vr.get_avg_fps())
+    return {
+        "frames": np.ascontiguousarray(frames, dtype=np.uint8),
+        "frame_indices": indices,
+        "timestamps": [round(float(t), 4) for t in times],
+        "num_frames_total": vlen,
+        "fps": round(fps, 4),
+        "duration": round(vlen / fps, 4) if fps > 0 else None,
+    }
+
+
+# ---- parent side ---------------------------------------------------------------------------------
+
+
+def _send(stream, obj: Any) -> None:
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(blob)) + blob)
+    stream.flush()
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:  # pipes return short reads
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError("decoder process ended" + (" mid-reply" if buf else ""))
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(stream) -> Any:
+    (n,) = _HEADER.unpack(_read_exactly(stream, _HEADER.size))
+    return pickle.loads(_read_exactly(stream, n))
+
+
+class BoundedDecoder:
+    """Runs :func:`decode_clip` in a child process; bounds time and memory of every clip."""
+
+    def __init__(
+        self, spec: SamplingSpec, timeout_s: float = 60.0, memory_mb: int = 4096, recycle_every: int = 500
+    ):
+        self.spec, self.timeout_s, self.memory_mb, self.recycle_every = (
+            spec,
+            timeout_s,
+            memory_mb,
+            recycle_every,
+        )
+        self.proc: subprocess.Popen | None = None
+        self.served = 0
+        self.restarts = 0
+
+    def _start(self) -> None:
+        env = dict(os.environ, VLP_DECODE_MEMORY_MB=str(self.memory_mb))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "preprocess.decode"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            bufsize=0,
+        )
+        self.served = 0
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for s in (self.proc.stdin, self.proc.stdout):
+                if s:
+                    s.close()
+            self.proc = None
+
+    def _wait_readable(self) -> bool:
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        return bool(ready)
+
+    def decode(self, source: dict[str, Any], seed: list[int]) -> dict[str, Any]:
+        """Decoded sample dict, or raises :class:`DecodeFailure` with a reason."""
+        if self.proc is None or self.proc.poll() is not None or self.served >= self.recycle_every:
+            self.close()
+            self._start()
+        self.served += 1
+        try:
+            _send(self.proc.stdin, (source, self.spec, seed))
+            if not self._wait_readable():
+                self.close()
+                self.restarts += 1
+                raise DecodeFailure("decode_timeout", f"no result after {self.timeout_s:g} s; decoder killed")
+            status, payload = _recv(self.proc.stdout)
+        except (EOFError, BrokenPipeError, OSError) as e:
+            code = self.proc.poll() if self.proc else None
+            self.close()
+            self.restarts += 1
+            raise DecodeFailure("decoder_crashed", f"decoder process died (exit {code}): {e}") from None
+        if status == "ok":
+            return payload
+        reason, message = payload
+        if reason == "decode_memory":  # the child is in an unknown state after MemoryError
+            self.close()
+            self.restarts += 1
+        raise DecodeFailure(reason, message)
+
+    def __enter__(self) -> BoundedDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- child side ----------------------------------------------------------------------------------
+
+
+def _serve() -> None:
+    import resource
+
+    limit_mb = int(os.environ.get("VLP_DECODE_MEMORY_MB", "0"))
+    if limit_mb > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but replies may reach the pipe
+    while True:
+        try:
+            source, spec, seed = _recv(stdin)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", decode_clip(source, spec, seed))
+        except DecodeFailure as e:
+            reply = ("fail", (e.reason, e.message))
+        except MemoryError:
+            reply = ("fail", ("decode_memory", f"allocation failed under the {limit_mb} MB decoder limit"))
+        except Exception as e:  # anything else is still this clip's failure, not the job's
+            reply = ("fail", ("decode_error", f"{type(e).__name__}: {str(e)[:300]}"))
+        _send(stdout, reply)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,137 @@
+"""The per-row steps of the preprocessing job; each is a small function, failures are values.
+
+A shard task runs them over its rows: check the row and locate its video (``resolve_source``),
+decode and sample frames (``BoundedDecoder``), clean the caption (``clean_caption``), write the
+sample (``ShardWriter``). Any failure becomes an index row with a reason; nothing raises out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.shards import INDEX_SCHEMA, PARTS_DIR, ShardWriter, sample_key, shard_name, write_parquet
+from preprocess.config import CaptionConfig, PreprocessConfig
+from preprocess.decode import BoundedDecoder, DecodeFailure, SamplingSpec
+from preprocess.inputs import is_missing
+
+
+def clean_caption(text: str, cfg: CaptionConfig) -> str:
+    """BLIP's ``pre_caption``: lower-case, listed punctuation to spaces, collapse spaces, cut to max words."""
+    if not cfg.clean:
+        return text.strip()
+    if cfg.lowercase:
+        text = text.lower()
+    if cfg.strip_chars:
+        text = re.sub(f"[{re.escape(cfg.strip_chars)}]", " ", text)
+    text = re.sub(r"\s{2,}", " ", text).strip()
+    return " ".join(text.split(" ")[: cfg.max_words])
+
+
+def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
+    """Check a row and find its video; raises ``DecodeFailure`` with the row's reason."""
+    if is_missing(row.get("caption")):
+        raise DecodeFailure("missing_caption", "empty or NaN caption")
+    src = row["source"]
+    if "error" in src:
+        raise DecodeFailure("missing_file" if "no .mp4" in src["error"] else "unreadable_tar", src["error"])
+    if "tar" in src:
+        if src["size"] == 0:
+            raise DecodeFailure("empty_file", f"{src['member']} is 0 bytes")
+        return src
+    if is_missing(src["videoid"]):
+        raise DecodeFailure("missing_videoid", "empty videoid")
+    if is_missing(src["page_dir"]):
+        raise DecodeFailure("empty_page_dir", "empty page_dir: the video's folder is unknown")
+    root = os.path.normpath(src["videos"])
+    path = os.path.normpath(os.path.join(root, str(src["page_dir"]), f"{src['videoid']}.mp4"))
+    if not path.startswith(root + os.sep):
+        raise DecodeFailure("path_escape", f"{src['page_dir']}/{src['videoid']}.mp4 leaves the videos folder")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeFailure("missing_file", f"{os.path.relpath(path, root)} does not exist") from None
+    except OSError as e:
+        raise DecodeFailure("unreadable_file", f"{os.path.relpath(path, root)}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeFailure("not_a_file", f"{os.path.relpath(path, root)} is a folder")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise DecodeFailure("empty_file", f"{os.path.relpath(path, root)} is 0 bytes")
+    return {"path": path, "rel": os.path.relpath(path, root)}
+
+
+def sampling_spec(cfg: PreprocessConfig) -> SamplingSpec:
+    return SamplingSpec(cfg.num_frames, cfg.sampling, cfg.size, cfg.resize, cfg.required_frames)
+
+
+def index_row(row: dict[str, Any], status: str, reason: str = "", message: str = "", shard: str = "") -> dict:
+    ok = status == "ok"
+    return {
+        "row": row["row"],
+        "videoid": None if is_missing(row.get("videoid")) else str(row["videoid"]),
+        "status": status,
+        "reason": reason or None,
+        "message": message or None,
+        "shard": shard if ok else None,
+        "key": sample_key(row["row"]) if ok else None,
+    }
+
+
+def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig, report=None) -> list[dict]:
+    """Decode, clean and write one shard; returns one index row per input row.
+
+    ``report(ok, failed, reasons)`` is called now and then for progress (a Ray actor handle's method).
+    """
+    out = Path(cfg.output)
+    name = shard_name(shard, cfg.format)
+    writer = ShardWriter(out / name, cfg.format)
+    index: list[dict] = []
+    pending = {"ok": 0, "failed": 0, "reasons": {}}
+    last = time.monotonic()
+    decoder = BoundedDecoder(
+        sampling_spec(cfg), cfg.decode_timeout_s, cfg.decode_memory_mb, cfg.decoder_recycle_every
+    )
+    try:
+        with decoder:
+            for row in rows:
+                try:
+                    source = resolve_source(row)
+                    clip = decoder.decode(source, [cfg.seed, row["row"]])
+                except DecodeFailure as e:
+                    index.append(index_row(row, "failed", e.reason, e.message))
+                    pending["failed"] += 1
+                    pending["reasons"][e.reason] = pending["reasons"].get(e.reason, 0) + 1
+                else:
+                    frames = clip.pop("frames")
+                    meta = {
+                        "videoid": str(row["videoid"]),
+                        "row": row["row"],
+                        "caption_raw": row["caption"],
+                        "source": source.get("rel") or source.get("member"),
+                        **clip,
+                    }
+                    caption = clean_caption(str(row["caption"]), cfg.caption)
+                    writer.write(
+                        {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
+                    )
+                    index.append(index_row(row, "ok", shard=name))
+                    pending["ok"] += 1
+                if report is not None and time.monotonic() - last > 1.0:
+                    report(pending)
+                    pending, last = {"ok": 0, "failed": 0, "reasons": {}}, time.monotonic()
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if report is not None:
+        report(pending)
+    import pyarrow as pa
+
+    write_parquet(
+        pa.Table.from_pylist(index, schema=INDEX_SCHEMA), out / PARTS_DIR / f"{Path(name).stem}.parquet"
+    )
+    return index
