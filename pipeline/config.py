@@ -94,8 +94,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
-        hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {prefix}{k!r}{hint}; known keys: {', '.join(names)}")
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{k}'{hint}; known keys: {', '.join(names)}")
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
     try:
         obj = cls(**kwargs)

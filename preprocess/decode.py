@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import select
 import struct
 import subprocess
@@ -86,6 +87,11 @@ def _target_size(src, spec: SamplingSpec) -> tuple[int, int]:
     return max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
 
 
+def _first_line(e: Exception) -> str:
+    """decord's message without its timestamp prefix, so reruns record the same text."""
+    return re.sub(r"\[\d\d:\d\d:\d\d\] ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
+
+
 def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> dict[str, Any]:
     """Open with decord straight at the target size, sample indices, decode only those frames."""
     import decord
@@ -95,7 +101,7 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
     try:
         vr = decord.VideoReader(src, width=width, height=height, num_threads=spec.threads)
     except Exception as e:  # decord raises RuntimeError / DECORDError with FFmpeg's text
-        msg = str(e).splitlines()[0][:300]
+        msg = _first_line(e)
         reason = "no_video_stream" if "video stream" in msg else "decode_error"
         raise DecodeFailure(reason, msg) from None
     vlen = len(vr)
@@ -106,7 +112,7 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
         frames = vr.get_batch(indices).asnumpy()
         times = vr.get_frame_timestamp(indices)[:, 0]
     except Exception as e:
-        raise DecodeFailure("decode_error", str(e).splitlines()[0][:300]) from None
+        raise DecodeFailure("decode_error", _first_line(e)) from None
     if spec.resize == "center_crop":
         top, left = (height - spec.size) // 2, (width - spec.size) // 2
         frames = frames[:, top : top + spec.size, left : left + spec.size]
@@ -162,7 +168,15 @@ class BoundedDecoder:
         self.restarts = 0
 
     def _start(self) -> None:
-        env = dict(os.environ, VLP_DECODE_MEMORY_MB=str(self.memory_mb))
+        # one thread per decoder: a worker is one core, and thread pools would eat the memory bound
+        threads = str(self.spec.threads)
+        env = dict(
+            os.environ,
+            VLP_DECODE_MEMORY_MB=str(self.memory_mb),
+            OMP_NUM_THREADS=threads,
+            OPENBLAS_NUM_THREADS=threads,
+            MKL_NUM_THREADS=threads,
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "preprocess.decode"],
             stdin=subprocess.PIPE,

@@ -100,7 +100,7 @@ def init_ray(cfg: PreprocessConfig) -> bool:
     else:
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb << 20
-        ray.init(num_cpus=cfg.workers or os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=cfg.workers or os.cpu_count(), **kwargs)
     return True
 
 
@@ -143,6 +143,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     )
     out = Path(cfg.output)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".*.tmp-*"), *(out / PARTS_DIR).glob(".*.tmp-*")]:
+        stale.unlink()  # left by a killed run; final names are only ever complete files
     write_json({"fingerprint": cfg.output_fingerprint(), "config": to_dict(cfg)}, out / CONFIG_FILE)
 
     shards = plan_shards(rows, cfg.samples_per_shard)
