@@ -1,0 +1,309 @@
+"""Video-LLaMA (vision branch) composed from transformers blocks.
+
+    clip [B,3,T,H,W] -> visual_encoder (EVA ViT-g = Blip2VisionModel, frozen)
+                     -> ln_vision (= visual_encoder.post_layernorm, frozen)
+                     -> qformer + query_tokens (BLIP-2 image Q-Former, frozen)   = features [B,T,32,D]
+    features         -> + video_frame_position_embedding -> video_qformer + video_query_tokens
+                     -> llama_proj                                                = video tokens [B,32,H]
+    video tokens replace the 32 ``<ImageHere>`` embeddings of the prompt -> llm (frozen) -> loss
+
+``features`` is the feature-cache boundary: everything that trains is downstream of it, so a batch may
+carry either the raw ``clip`` or cached ``features`` and gives the same loss.
+
+``ln_vision`` is not a separate module: transformers' ``Blip2VisionModel`` ends with ``post_layernorm``
+applied to all 257 tokens of the last block, which is exactly the original ``ln_vision(visual_encoder(x))``
+(the EVA ViT itself has no final norm). transformers' BLIP-2 conversion maps ``ln_vision.*`` onto
+``vision_model.post_layernorm.*`` for the same reason, so the HF BLIP-2 weights load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    LlamaConfig,
+)
+
+from pipeline.config import ConfigError, fingerprint
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+# The one place that declares what trains. Everything else is frozen and kept in eval mode.
+TRAINABLE = ("video_qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of every part; the defaults are the original model with a 7B LLM (preset ``vit-g-7b``)."""
+
+    # Frozen vision encoder: EVA ViT-g/14 without its last block, as transformers' Blip2VisionModel.
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1408
+    vision_layers: int = 39
+    vision_heads: int = 16
+    vision_mlp: int = 6144
+    vision_eps: float = 1e-6
+    vision_dtype: DType = "float16"  # the original runs the frozen ViT in fp16
+    # Frozen BLIP-2 image Q-Former. Its hidden size is the cached feature dim used everywhere downstream.
+    feature_dim: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_ffn: int = 3072
+    qformer_cross_every: int = 2
+    num_query_tokens: int = 32
+    # Trainable video Q-Former (hidden size = feature_dim, cross-attention in every layer).
+    video_qformer_layers: int = 2
+    video_qformer_heads: int = 12
+    video_qformer_ffn: int = 3072
+    num_video_query_tokens: int = 32
+    max_frames: int = 32
+    dropout: float = 0.1
+    # Frozen LLM: a local Hugging Face causal-LM directory, or (llm_path null) a Llama built from the
+    # llm_* sizes below with random weights (tests, smoke runs, meta-device counting).
+    llm_path: str | None = None
+    llm_hidden_size: int = 4096
+    llm_dtype: DType = "bfloat16"
+    llm_vocab_size: int = 32000
+    llm_layers: int = 32
+    llm_heads: int = 32
+    llm_intermediate_size: int = 11008
+    # Frozen-encoder weights: a Hugging Face BLIP-2 directory, or the two original LAVIS files.
+    blip2_path: str | None = None
+    eva_vit_path: str | None = None
+    qformer_lavis_path: str | None = None
+
+    def validate(self) -> None:
+        for width, heads, what in (
+            (self.vision_width, self.vision_heads, "vision_width/vision_heads"),
+            (self.feature_dim, self.qformer_heads, "feature_dim/qformer_heads"),
+            (self.feature_dim, self.video_qformer_heads, "feature_dim/video_qformer_heads"),
+            (self.llm_hidden_size, self.llm_heads, "llm_hidden_size/llm_heads"),
+        ):
+            if width % heads:
+                raise ConfigError(f"model.{what}: {width} is not divisible by {heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of patch_size")
+        if self.max_frames < 1 or self.num_video_query_tokens < 1 or self.num_query_tokens < 1:
+            raise ConfigError("model.max_frames and the query token counts must be >= 1")
+        if self.blip2_path and (self.eva_vit_path or self.qformer_lavis_path):
+            raise ConfigError("model: give blip2_path or eva_vit_path+qformer_lavis_path, not both")
+        if bool(self.eva_vit_path) != bool(self.qformer_lavis_path):
+            raise ConfigError("model: eva_vit_path and qformer_lavis_path go together")
+
+    def encoder_fingerprint(self) -> str:
+        """Hash of everything that determines cached features, so a cache built differently is refused."""
+        keys = [k for k in self.__dataclass_fields__ if k.startswith(("image_", "patch_", "vision_"))]
+        keys += ["feature_dim", "qformer_layers", "qformer_heads", "qformer_ffn", "qformer_cross_every"]
+        keys += ["num_query_tokens", "blip2_path", "eva_vit_path", "qformer_lavis_path"]
+        return fingerprint({k: getattr(self, k) for k in keys})
+
+
+def vit_g(llm: Literal["7b", "13b"] = "7b") -> ModelConfig:
+    """The original sizes; the LLM sizes are LLaMA/Vicuna 7B or 13B."""
+    if llm == "7b":
+        return ModelConfig()
+    return ModelConfig(llm_hidden_size=5120, llm_layers=40, llm_heads=40, llm_intermediate_size=13824)
+
+
+def tiny() -> ModelConfig:
+    """A few-hundred-thousand-parameter model with the same structure, for CPU tests and smoke runs."""
+    return ModelConfig(
+        image_size=56,
+        vision_width=64,
+        vision_layers=2,
+        vision_heads=4,
+        vision_mlp=128,
+        vision_dtype="float32",
+        feature_dim=64,
+        qformer_layers=2,
+        qformer_heads=4,
+        qformer_ffn=128,
+        video_qformer_heads=4,
+        video_qformer_ffn=128,
+        llm_hidden_size=64,
+        llm_dtype="float32",
+        llm_vocab_size=1000,
+        llm_layers=2,
+        llm_heads=4,
+        llm_intermediate_size=128,
+    )
+
+
+PRESETS = {"vit-g-7b": lambda: vit_g("7b"), "vit-g-13b": lambda: vit_g("13b"), "tiny": tiny}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def vision_config(cfg: ModelConfig) -> Blip2VisionConfig:
+    return Blip2VisionConfig(
+        hidden_size=cfg.vision_width,
+        intermediate_size=cfg.vision_mlp,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        layer_norm_eps=cfg.vision_eps,
+        qkv_bias=True,
+    )
+
+
+def image_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        hidden_size=cfg.feature_dim,
+        num_hidden_layers=cfg.qformer_layers,
+        num_attention_heads=cfg.qformer_heads,
+        intermediate_size=cfg.qformer_ffn,
+        cross_attention_frequency=cfg.qformer_cross_every,
+        encoder_hidden_size=cfg.vision_width,
+    )
+
+
+def video_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
+    return Blip2QFormerConfig(
+        hidden_size=cfg.feature_dim,
+        num_hidden_layers=cfg.video_qformer_layers,
+        num_attention_heads=cfg.video_qformer_heads,
+        intermediate_size=cfg.video_qformer_ffn,
+        cross_attention_frequency=1,
+        encoder_hidden_size=cfg.feature_dim,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+
+
+def build_llm(cfg: ModelConfig) -> nn.Module:
+    """The frozen LLM: loaded from ``llm_path`` (bf16 by default) or a random Llama of the llm_* sizes."""
+    dtype = torch_dtype(cfg.llm_dtype)
+    if cfg.llm_path:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, dtype=dtype)
+    else:
+        llama = LlamaConfig(
+            vocab_size=cfg.llm_vocab_size,
+            hidden_size=cfg.llm_hidden_size,
+            intermediate_size=cfg.llm_intermediate_size,
+            num_hidden_layers=cfg.llm_layers,
+            num_attention_heads=cfg.llm_heads,
+        )
+        llm = AutoModelForCausalLM.from_config(llama, dtype=dtype)
+    hidden = llm.config.get_text_config().hidden_size
+    if hidden != cfg.llm_hidden_size:
+        raise ConfigError(
+            f"model.llm_hidden_size is {cfg.llm_hidden_size} but the LLM at {cfg.llm_path} has hidden size "
+            f"{hidden} (7B LLaMA: 4096, 13B: 5120)"
+        )
+    return llm
+
+
+class VideoLLaMA(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.feature_dim
+        self.visual_encoder = Blip2VisionModel(vision_config(cfg)).to(torch_dtype(cfg.vision_dtype))
+        self.qformer = Blip2QFormerModel(image_qformer_config(cfg))
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, d))
+        self.video_frame_position_embedding = nn.Embedding(cfg.max_frames, d)
+        self.video_qformer = Blip2QFormerModel(video_qformer_config(cfg))
+        self.video_query_tokens = nn.Parameter(torch.zeros(1, cfg.num_video_query_tokens, d).normal_(0, 0.02))
+        self.llama_proj = nn.Linear(d, cfg.llm_hidden_size)
+        self.llm = llm if llm is not None else build_llm(cfg)
+        self.freeze()
+
+    @property
+    def ln_vision(self) -> nn.LayerNorm:
+        """The original ``ln_vision``; see the module docstring."""
+        return self.visual_encoder.post_layernorm
+
+    # ---- what trains -------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """requires_grad only for the TRAINABLE parts, and the frozen parts in eval mode."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.split(".")[0] in TRAINABLE)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VideoLLaMA:
+        """Frozen parts stay in eval mode (no dropout in the frozen Q-Former) whatever ``mode`` is."""
+        super().train(mode)
+        for name, child in self.named_children():
+            if name not in TRAINABLE:
+                child.eval()
+        return self
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] in TRAINABLE]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a trainable-weights export holds (our names; see pipeline.weights)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in TRAINABLE}
+
+    # ---- forward -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_frames(self, clip: torch.Tensor) -> torch.Tensor:
+        """Frozen part: [B,3,T,H,W] -> [B,T,num_query_tokens,feature_dim] (the cache boundary)."""
+        b, c, t, h, w = clip.shape
+        frames = clip.transpose(1, 2).reshape(b * t, c, h, w)
+        frames = frames.to(self.visual_encoder.embeddings.patch_embedding.weight.dtype)
+        tokens = self.visual_encoder(pixel_values=frames).last_hidden_state  # already ln_vision'd
+        queries = self.query_tokens.expand(b * t, -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=tokens).last_hidden_state
+        return out.reshape(b, t, *out.shape[1:])
+
+    def video_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Trainable part: [B,T,Q,D] frame features -> [B,num_video_query_tokens,llm_hidden_size]."""
+        b, t, q, d = features.shape
+        if t > self.cfg.max_frames:
+            raise ValueError(f"{t} frames but the frame position embedding has {self.cfg.max_frames}")
+        pos = self.video_frame_position_embedding(torch.arange(t, device=features.device))
+        frames = features.to(pos.dtype) + pos[None, :, None, :]  # frame t's position on all its queries
+        frames = frames.reshape(b, t * q, d)
+        queries = self.video_query_tokens.expand(b, -1, -1)
+        out = self.video_qformer(query_embeds=queries, encoder_hidden_states=frames).last_hidden_state
+        return self.llama_proj(out)
+
+    def embed_with_video(
+        self, input_ids: torch.Tensor, video_mask: torch.Tensor, video: torch.Tensor
+    ) -> torch.Tensor:
+        """LLM input embeddings with the ``<ImageHere>`` positions (video_mask) replaced by video tokens.
+
+        The placeholder id may lie outside the LLM vocabulary (the embedding matrix is not resized),
+        so those ids are looked up as 0 and overwritten.
+        """
+        per_row = video_mask.sum(dim=1)
+        if not torch.all(per_row == video.shape[1]):
+            raise ValueError(f"each row needs {video.shape[1]} video positions, got {per_row.tolist()}")
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(video_mask, 0))
+        return embeds.masked_scatter(video_mask.unsqueeze(-1), video.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        video_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        clip: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ):
+        """Causal-LM output (``.loss``, ``.logits``) for a batch with either ``clip`` or cached ``features``."""
+        if (clip is None) == (features is None):
+            raise ValueError("pass exactly one of clip or features")
+        if features is None:
+            features = self.encode_frames(clip)
+        embeds = self.embed_with_video(input_ids, video_mask, self.video_tokens(features))
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)

@@ -1,0 +1,62 @@
+"""A tiny tokenizer and LLM directory built in code: CPU tests and smoke runs without any model download.
+
+The tokenizer mimics the LLaMA conventions the prompts rely on: ``<unk>``=0 (also the pad),
+``<s>``=1, ``</s>``=2, and the literal strings ``<s>``/``</s>`` in text map to those ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+_CORPUS = [
+    "a man is riding a horse on the beach at sunset.",
+    "two dogs play with a red ball in the park, the camera follows them.",
+    "###Human: What is happening in this video?\n###Assistant: A woman is cooking pasta in a kitchen.\n###",
+    "[INST] <<SYS>>\n \n<</SYS>>\n\nDescribe the image in detail. [/INST] A cat sleeps on a sofa. </s>",
+    "<Video></Video> <Image></Image> The video contains 8 frames sampled at 0.0, 1.2, 2.5 seconds. ",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained in milliseconds on a fixed corpus (deterministic), without ``<ImageHere>``."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+def write_tiny_llm(out_dir: str | Path, hidden_size: int = 64, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama and the tiny tokenizer as a Hugging Face directory (``llm_path``).
+
+    The LLM vocabulary is the tokenizer's base vocabulary, so ``<ImageHere>`` (added later) falls
+    outside it exactly as id 32000 does on LLaMA.
+    """
+    out = Path(out_dir)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,405 @@
+"""Weights in and out: frozen encoder from BLIP-2/LAVIS files, trainable weights to and from Video-LLaMA.
+
+Every foreign layout is handled by a key-renaming function, never by a copied module:
+
+* EVA ViT-g (``eva_vit_g.pth``)  -> ``Blip2VisionModel``: ``blocks.N.*`` -> ``encoder.layers.N.*``; the
+  EVA attention has ``q_bias``/``v_bias`` and no k bias, transformers has one ``qkv.bias`` =
+  cat(q_bias, 0, v_bias). Blocks past ``vision_layers`` (EVA-CLIP's 40th) are ignored.
+* LAVIS BERT Q-Former (``Qformer.bert.*``, ``video_Qformer.bert.*``) -> ``Blip2QFormerModel``:
+  ``embeddings.LayerNorm`` -> ``layernorm``, ``(cross)attention.self`` -> ``(cross)attention.attention``;
+  the text-only parts (word/position embeddings, the text FFN ``intermediate``/``output``) are ignored.
+* ``ln_vision`` -> ``visual_encoder.post_layernorm`` (see pipeline.model).
+
+Our own export of the trainable weights is a directory with ``trainable.safetensors`` (our names, fp32)
+and ``model.yaml`` (the ModelConfig needed to rebuild the model). Released Video-LLaMA checkpoints
+(``{"model": state_dict, ...}``, LAVIS names) convert both ways, tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.config import load_config, save_yaml
+from pipeline.model import ModelConfig, VideoLLaMA, vit_g
+
+TRAINABLE_FILE = "trainable.safetensors"
+CONFIG_FILE = "model.yaml"
+EXPORT_FORMAT = "videollama-pipeline/trainable-v1"
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model: the message names the keys and shapes."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did, by key name. ``ignored`` = known keys deliberately skipped (buffers, text-only
+    Q-Former parts, the EVA block the model drops); ``unexpected`` = keys we do not recognise."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for name in ("missing", "unexpected", "ignored"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+                lines.append(f"{name} ({len(keys)}): {shown}")
+        return "\n".join(lines)
+
+
+def torch_load(path: str | Path) -> dict:
+    """``torch.load`` restricted to tensors and plain containers: a checkpoint cannot run code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- key renaming ----------------------------------------------------------------------------------
+
+_BERT_LAYER = re.compile(
+    r"encoder\.layer\.(\d+)\.(attention|crossattention|intermediate_query|output_query)\.(.+)"
+)
+
+
+def lavis_bert_to_hf(key: str) -> str | None:
+    """A key under LAVIS ``*.bert.`` -> the Blip2QFormerModel key, or None for the text-only parts."""
+    if key.startswith("embeddings.LayerNorm."):
+        return "layernorm." + key.removeprefix("embeddings.LayerNorm.")
+    m = _BERT_LAYER.fullmatch(key)
+    if not m:
+        return None
+    layer, part, rest = m.groups()
+    if rest.startswith("self."):
+        rest = "attention." + rest.removeprefix("self.")
+    return f"encoder.layer.{layer}.{part}.{rest}"
+
+
+def hf_to_lavis_bert(key: str) -> str:
+    """Inverse of ``lavis_bert_to_hf``."""
+    if key.startswith("layernorm."):
+        return "embeddings.LayerNorm." + key.removeprefix("layernorm.")
+    m = _BERT_LAYER.fullmatch(key)  # same part names on both sides; only "self" differs
+    if not m:
+        raise WeightsError(f"{key!r} is not a Blip2QFormerModel query-path key")
+    layer, part, rest = m.groups()
+    if rest.startswith("attention."):
+        rest = "self." + rest.removeprefix("attention.")
+    return f"encoder.layer.{layer}.{part}.{rest}"
+
+
+_EVA_TOP = {
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
+    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+}
+_EVA_BLOCK = {
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "attn.qkv": "self_attn.qkv",
+    "attn.proj": "self_attn.projection",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_EVA_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def fuse_qv_bias(q_bias: torch.Tensor, v_bias: torch.Tensor) -> torch.Tensor:
+    """EVA/old-BLIP-2 q and v biases -> one qkv bias with a zero k part (what EVA computes on the fly)."""
+    return torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+
+
+def eva_to_hf(sd: dict[str, torch.Tensor], num_layers: int) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Raw EVA ViT-g state dict -> Blip2VisionModel keys (no ``post_layernorm``: that is ``ln_vision``)."""
+    out, report = {}, LoadReport()
+    for key, value in sd.items():
+        key = key.removeprefix("visual_encoder.")
+        block = re.match(r"blocks\.(\d+)\.", key)
+        if block and int(block.group(1)) >= num_layers:
+            report.ignored.append(key)
+        elif key in _EVA_TOP:
+            out[_EVA_TOP[key]] = value
+        elif key.endswith(("attn.q_bias", "attn.v_bias")):
+            continue  # fused below
+        elif (m := _EVA_BLOCK_KEY.fullmatch(key)) and m.group(2) in _EVA_BLOCK:
+            out[f"encoder.layers.{m.group(1)}.{_EVA_BLOCK[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            report.unexpected.append(key)
+    for i in range(num_layers):
+        q, v = sd.get(f"blocks.{i}.attn.q_bias"), sd.get(f"blocks.{i}.attn.v_bias")
+        if q is not None and v is not None:
+            out[f"encoder.layers.{i}.self_attn.qkv.bias"] = fuse_qv_bias(q, v)
+    return out, report
+
+
+def _hf_vision_legacy_biases(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Early transformers BLIP-2 files kept ``self_attn.q_bias``/``v_bias``; fuse them into ``qkv.bias``."""
+    for q_key in [k for k in sd if k.endswith("self_attn.q_bias")]:
+        prefix = q_key.removesuffix("q_bias")
+        sd[prefix + "qkv.bias"] = fuse_qv_bias(sd.pop(q_key), sd.pop(prefix + "v_bias"))
+    return sd
+
+
+# ---- frozen encoder --------------------------------------------------------------------------------
+
+
+def encoder_keys(model: VideoLLaMA) -> dict[str, torch.Size]:
+    """Names and shapes of every frozen-encoder tensor the model needs."""
+    parts = ("visual_encoder.", "qformer.", "query_tokens")
+    return {k: v.shape for k, v in model.state_dict().items() if k.startswith(parts)}
+
+
+def _read_hf_tensors(directory: Path, wanted) -> dict[str, torch.Tensor]:
+    """Tensors whose key passes ``wanted`` from a (possibly sharded) HF directory, nothing else."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).is_file():
+            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
+    if not files:
+        raise WeightsError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+    out = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(directory / name), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if wanted(k)})  # noqa: SIM118
+        else:
+            out.update({k: v for k, v in torch_load(directory / name).items() if wanted(k)})
+    return out
+
+
+def hf_blip2_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """ViT + ln_vision + Q-Former + query tokens from a Hugging Face BLIP-2 directory, in our names."""
+    raw = _read_hf_tensors(Path(path), lambda k: k.startswith(("vision_model.", "qformer.", "query_tokens")))
+    raw = _hf_vision_legacy_biases(raw)
+    out, report = {}, LoadReport()
+    for key, value in raw.items():
+        if key.startswith("qformer.embeddings.") or key.endswith("position_ids"):
+            report.ignored.append(key)  # text embeddings of the ITM variants
+        elif key.startswith("vision_model."):
+            out["visual_encoder." + key.removeprefix("vision_model.")] = value
+        else:
+            out[key] = value
+    return out, report
+
+
+def lavis_encoder(
+    eva_path: str | Path, blip2_path: str | Path, num_layers: int
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The original LAVIS files: ``eva_vit_g.pth`` (raw EVA) and ``blip2_pretrained_*.pth`` (``model``)."""
+    vision, report = eva_to_hf(torch_load(eva_path), num_layers)
+    out = {"visual_encoder." + k: v for k, v in vision.items()}
+    blip2 = torch_load(blip2_path)
+    for key, value in blip2.get("model", blip2).items():
+        if key.startswith("ln_vision."):
+            out["visual_encoder.post_layernorm." + key.removeprefix("ln_vision.")] = value
+        elif key == "query_tokens":
+            out[key] = value
+        elif key.startswith("Qformer.bert.") and (hf := lavis_bert_to_hf(key.removeprefix("Qformer.bert."))):
+            out["qformer." + hf] = value
+        elif key.startswith(("Qformer.", "visual_encoder.")):
+            report.ignored.append(key)  # text head/embeddings; the ViT comes from eva_vit_g.pth
+        else:
+            report.unexpected.append(key)
+    return out, report
+
+
+def check_shapes(sd: dict[str, torch.Tensor], expected: dict[str, torch.Size], what: str) -> None:
+    """Raise one error naming every shape mismatch, with the LLM-size hint for ``llama_proj``."""
+    bad = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k])]
+    if not bad:
+        return
+    lines = [f"{k}: {what} has {list(sd[k].shape)}, the model expects {list(expected[k])}" for k in bad]
+    if "llama_proj.weight" in bad:
+        got, want = sd["llama_proj.weight"].shape[0], expected["llama_proj.weight"][0]
+        names = {4096: "7B", 5120: "13B"}
+        lines.append(
+            f"{what} projects to an LLM of hidden size {got} ({names.get(got, '?')}) but the model's LLM "
+            f"has {want} ({names.get(want, '?')}): set model.llm_hidden_size / llm_path to match"
+        )
+    raise WeightsError("shape mismatch:\n" + "\n".join(lines))
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], expected, what: str, report: LoadReport):
+    check_shapes(sd, expected, what)
+    report.unexpected += [k for k in sd if k not in expected]
+    report.missing = [k for k in expected if k not in sd]
+    if report.missing:
+        raise WeightsError(f"{what} lacks {len(report.missing)} tensors the model needs:\n{report}")
+    usable = {k: v for k, v in sd.items() if k in expected}
+    model.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    return report
+
+
+def load_frozen_encoder(model: VideoLLaMA) -> LoadReport:
+    """Load ViT, ln_vision, image Q-Former and query tokens from the paths in ``model.cfg``."""
+    cfg = model.cfg
+    if cfg.blip2_path:
+        sd, report = hf_blip2_encoder(cfg.blip2_path)
+        what = cfg.blip2_path
+    elif cfg.eva_vit_path and cfg.qformer_lavis_path:
+        sd, report = lavis_encoder(cfg.eva_vit_path, cfg.qformer_lavis_path, cfg.vision_layers)
+        what = f"{cfg.eva_vit_path} + {cfg.qformer_lavis_path}"
+    else:
+        raise WeightsError(
+            "model config names no encoder weights (blip2_path or eva_vit_path+qformer_lavis_path)"
+        )
+    return _load_into(model, sd, encoder_keys(model), what, report)
+
+
+# ---- trainable weights: ours <-> released Video-LLaMA ---------------------------------------------
+
+
+def trainable_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Names and shapes of the trainable tensors, from the model itself built on the meta device."""
+    with torch.device("meta"):
+        model = VideoLLaMA(cfg, llm=nn.Identity())
+    return {k: v.shape for k, v in model.trainable_state_dict().items()}
+
+
+def _ignored_videollama_key(key: str) -> bool:
+    return key.endswith(".position_ids") or (
+        key.startswith("llama_model.") and key.endswith("rotary_emb.inv_freq")
+    )
+
+
+def videollama_to_ours(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """LAVIS names (``video_Qformer.bert.*`` ...) -> our names; unknown keys reported, not dropped silently."""
+    out, report = {}, LoadReport()
+    plain = ("video_query_tokens", "video_frame_position_embedding.", "llama_proj.")
+    for key, value in sd.items():
+        bert = key.startswith("video_Qformer.bert.") and lavis_bert_to_hf(
+            key.removeprefix("video_Qformer.bert.")
+        )
+        if _ignored_videollama_key(key):
+            report.ignored.append(key)
+        elif bert:
+            out["video_qformer." + bert] = value
+        elif key.startswith(plain):
+            out[key] = value
+        else:
+            report.unexpected.append(key)
+    return out, report
+
+
+def ours_to_videollama(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our trainable names -> the released checkpoints' LAVIS names."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("video_qformer."):
+            key = "video_Qformer.bert." + hf_to_lavis_bert(key.removeprefix("video_qformer."))
+        out[key] = value
+    return out
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
+    """The ModelConfig of a trainable state dict (our names): the original sizes, with the LLM size,
+    feature dim, query/frame counts, depth and FFN width read from the tensor shapes."""
+    needed = ["llama_proj.weight", "video_query_tokens", "video_frame_position_embedding.weight"]
+    needed.append("video_qformer.encoder.layer.0.intermediate_query.dense.weight")
+    if absent := [k for k in needed if k not in sd]:
+        raise WeightsError(f"cannot infer the model config: the checkpoint lacks {absent}")
+    hidden = sd["llama_proj.weight"].shape[0]
+    cfg = vit_g("13b") if hidden == 5120 else vit_g("7b")
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("video_qformer.encoder.layer.")}
+    return dataclasses.replace(
+        cfg,
+        llm_hidden_size=hidden,
+        feature_dim=sd["video_query_tokens"].shape[2],
+        num_video_query_tokens=sd["video_query_tokens"].shape[1],
+        max_frames=sd["video_frame_position_embedding.weight"].shape[0],
+        video_qformer_layers=max(layers) + 1,
+        video_qformer_ffn=sd["video_qformer.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+    )
+
+
+def import_videollama_checkpoint(
+    path: str | Path, cfg: ModelConfig | None = None
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A released Video-LLaMA ``.pth`` -> (trainable state dict in our names, report).
+
+    Checked against ``cfg`` (default: inferred from the shapes); a 7B/13B mix-up raises WeightsError.
+    """
+    ckpt = torch_load(path)
+    sd, report = videollama_to_ours(ckpt.get("model", ckpt))
+    expected = trainable_shapes(cfg or infer_config(sd))
+    check_shapes(sd, expected, str(path))
+    report.missing = [k for k in expected if k not in sd]
+    report.unexpected += [k for k in sd if k not in expected]
+    sd = {k: v for k, v in sd.items() if k in expected}
+    report.loaded = sorted(sd)
+    return sd, report
+
+
+def to_videollama_checkpoint(sd: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write our trainable weights as a checkpoint the original code loads (``{"model": ...}``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": ours_to_videollama({k: v.detach().cpu() for k, v in sd.items()})}, path)
+    return path
+
+
+def export_trainable(model_or_sd: VideoLLaMA | dict[str, torch.Tensor], cfg: ModelConfig, out_dir) -> Path:
+    """Write ``trainable.safetensors`` + ``model.yaml``: what inference and the next stage load."""
+    sd = model_or_sd.trainable_state_dict() if isinstance(model_or_sd, nn.Module) else dict(model_or_sd)
+    expected = trainable_shapes(cfg)
+    check_shapes(sd, expected, "export")
+    if set(sd) != set(expected):
+        raise WeightsError(
+            f"export needs exactly the trainable tensors; missing {sorted(set(expected) - set(sd))}, "
+            f"unexpected {sorted(set(sd) - set(expected))}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    save_file(tensors, str(out / TRAINABLE_FILE), metadata={"format": EXPORT_FORMAT})
+    save_yaml(cfg, out / CONFIG_FILE)
+    return out
+
+
+def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config."""
+    directory = Path(directory)
+    cfg = load_config(ModelConfig, directory / CONFIG_FILE)
+    sd = load_file(str(directory / TRAINABLE_FILE))
+    check_shapes(sd, trainable_shapes(cfg), str(directory))
+    return sd, cfg
+
+
+def load_trainable_weights(model: VideoLLaMA, src: str | Path) -> LoadReport:
+    """Initialise the trainable parts from an export directory or a released Video-LLaMA ``.pth``."""
+    if Path(src).is_dir():
+        sd, _ = load_trainable(src)
+        report = LoadReport()
+    else:
+        sd, report = import_videollama_checkpoint(src, model.cfg)
+    return _load_into(model, sd, trainable_shapes(model.cfg), str(src), report)
+
+
+def convert(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None) -> LoadReport:
+    """``cli.py convert SRC DST``: a Video-LLaMA ``.pth`` -> export directory, or an export directory
+    -> Video-LLaMA ``.pth``; the direction follows what SRC is."""
+    src = Path(src)
+    if src.is_dir():
+        sd, _ = load_trainable(src)
+        to_videollama_checkpoint(sd, dst)
+        return LoadReport(loaded=sorted(sd))
+    sd, report = import_videollama_checkpoint(src, cfg)
+    if report.missing:
+        raise WeightsError(f"{src} lacks trainable tensors:\n{report}")
+    cfg = cfg or infer_config(sd)
+    export_trainable(sd, cfg, dst)
+    return report
