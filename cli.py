@@ -3,6 +3,8 @@
 python cli.py make-sample --output data/webvid_sample --clips 16
 python cli.py preprocess --annotations A --videos V --output OUT [--format arrow] [key=value ...]
 python cli.py preprocess --config configs/preprocess.yaml output=OUT
+python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
+torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def _fail(e: Exception) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False)  # deepspeed launcher
 def main() -> None:
     """Video-LLaMA pipeline: preprocessing, feature cache, training, inference."""
 
@@ -67,14 +70,24 @@ def make_sample(
 )
 @click.option("--workers", type=int, help="local Ray CPUs [all cores]")
 @click.option("--ray-address", help="join an existing Ray cluster (e.g. 'auto')")
+@click.option("--views", type=int, help="sampler draws per clip [1]")
 @click.option("--limit", type=int, help="only the first N input rows")
+@click.option(
+    "--cache-features", is_flag=True, default=None, help="also run the frozen encoder (features.* keys)"
+)
+@click.option("--encoder", help="encoder preset for --cache-features (vit-g-7b, tiny) [vit-g-7b]")
 @click.argument("overrides", nargs=-1)
 def preprocess(config_path, overrides, **flags) -> None:
-    """Decode, sample and shard WebVid clips with Ray Data (extra args: key=value overrides)."""
+    """Decode, sample and shard WebVid clips with Ray Data (extra args: key=value overrides).
+
+    With --cache-features the frozen ViT + image Q-Former run in a Ray actor pool and the shards also
+    hold [T, 32, 768] features; weights from features.blip2_path=DIR or features.eva_vit_path=F
+    features.qformer_lavis_path=F.
+    """
     from preprocess.config import PreprocessConfig
     from preprocess.job import format_summary, run
 
-    names = {"fmt": "format"}
+    names = {"fmt": "format", "cache_features": "features.enabled", "encoder": "features.model"}
     values = {names.get(k, k): v for k, v in flags.items() if v is not None}
     try:
         cfg = load_config(PreprocessConfig, config_path, list(overrides), values=values)
@@ -82,6 +95,42 @@ def preprocess(config_path, overrides, **flags) -> None:
     except ConfigError as e:
         _fail(e)
     click.echo(format_summary(summary))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+def convert(src: str, dst: str) -> None:
+    """Released Video-LLaMA checkpoint (.pth) -> trainable-weights export folder, or back.
+
+    The export is trainable.safetensors + model.yaml; the way back writes {"model": state_dict} with
+    the original (LAVIS BERT) key names.
+    """
+    from pipeline.weights import WeightsError
+    from pipeline.weights import convert as convert_weights
+
+    try:
+        report = convert_weights(src, dst)
+    except (WeightsError, ConfigError) as e:
+        _fail(e)
+    click.echo(f"{src} -> {dst}\n{report}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file")
+@click.argument("overrides", nargs=-1)
+def train(config_path, overrides) -> None:
+    """Stage-1 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    from train.config import TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, config_path, list(overrides))
+        from train.loop import run
+
+        summary = run(cfg)
+    except ConfigError as e:
+        _fail(e)
+    click.echo(f"[train] done: {summary}")
 
 
 if __name__ == "__main__":

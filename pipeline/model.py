@@ -211,14 +211,74 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
     return llm
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_from_frames(frames) -> torch.Tensor:
+    """Stored uint8 frames ``[..., T, H, W, 3]`` -> normalised float clip ``[..., 3, T, H, W]`` (CLIP mean/std)."""
+    x = torch.as_tensor(frames).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1, 1)
+    return (x.movedim(-1, -4) - mean) / std
+
+
+@torch.no_grad()
+def encode_frames(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """ViT + ln_vision + image Q-Former of ``parts`` (a VideoLLaMA or a FrozenEncoder) on a clip."""
+    b, c, t, h, w = clip.shape
+    frames = clip.transpose(1, 2).reshape(b * t, c, h, w)
+    frames = frames.to(parts.visual_encoder.embeddings.patch_embedding.weight.dtype)
+    tokens = parts.visual_encoder(pixel_values=frames).last_hidden_state  # already ln_vision'd
+    queries = parts.query_tokens.expand(b * t, -1, -1)
+    out = parts.qformer(query_embeds=queries, encoder_hidden_states=tokens).last_hidden_state
+    return out.reshape(b, t, *out.shape[1:]).float()
+
+
+class FrozenEncoder(nn.Module):
+    """Only the frozen vision part, with VideoLLaMA's attribute names (so the same weight loaders apply):
+    what the feature cache runs. Without weight paths it is built from ``seed``, so every Ray actor
+    holds the same random encoder."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.visual_encoder = Blip2VisionModel(vision_config(cfg)).to(torch_dtype(cfg.vision_dtype))
+            self.qformer = Blip2QFormerModel(image_qformer_config(cfg))
+            self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.feature_dim))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return encode_frames(self, clip)
+
+    def weights_fingerprint(self) -> str:
+        """Content hash of every tensor: two encoders give the same cache only if this matches."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=8)
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
 class VideoLLaMA(nn.Module):
     def __init__(self, cfg: ModelConfig, llm: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.feature_dim
-        self.visual_encoder = Blip2VisionModel(vision_config(cfg)).to(torch_dtype(cfg.vision_dtype))
-        self.qformer = Blip2QFormerModel(image_qformer_config(cfg))
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, d))
+        frozen = FrozenEncoder(cfg)  # same random init as the feature cache's when no weights are loaded
+        self.visual_encoder, self.qformer, self.query_tokens = (
+            frozen.visual_encoder,
+            frozen.qformer,
+            frozen.query_tokens,
+        )
         self.video_frame_position_embedding = nn.Embedding(cfg.max_frames, d)
         self.video_qformer = Blip2QFormerModel(video_qformer_config(cfg))
         self.video_query_tokens = nn.Parameter(torch.zeros(1, cfg.num_video_query_tokens, d).normal_(0, 0.02))
@@ -254,16 +314,9 @@ class VideoLLaMA(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in TRAINABLE}
 
     # ---- forward -----------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_frames(self, clip: torch.Tensor) -> torch.Tensor:
         """Frozen part: [B,3,T,H,W] -> [B,T,num_query_tokens,feature_dim] (the cache boundary)."""
-        b, c, t, h, w = clip.shape
-        frames = clip.transpose(1, 2).reshape(b * t, c, h, w)
-        frames = frames.to(self.visual_encoder.embeddings.patch_embedding.weight.dtype)
-        tokens = self.visual_encoder(pixel_values=frames).last_hidden_state  # already ln_vision'd
-        queries = self.query_tokens.expand(b * t, -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=tokens).last_hidden_state
-        return out.reshape(b, t, *out.shape[1:])
+        return encode_frames(self, clip)
 
     def video_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Trainable part: [B,T,Q,D] frame features -> [B,num_video_query_tokens,llm_hidden_size]."""

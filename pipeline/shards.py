@@ -3,10 +3,13 @@
 A shard set is a folder::
 
     _config.json              fingerprint + resolved config of the job that wrote it
+    _encoder.json             with cached features: identity of the encoder (config + weights hash)
     shard-000000.tar          --format webdataset: per sample KEY.frames.npy (uint8 [T,H,W,3]),
     shard-000001.tar            KEY.txt (caption), KEY.json (metadata); KEY.features.npy when cached
+                                (float16 [T,32,D]; with views=K frames/features gain a leading K axis)
     shard-000000.arrow        --format arrow: Arrow IPC file, one row per sample (same fields)
     _parts/shard-000000.parquet   index rows of that shard (written last: the shard's commit marker)
+    _staging/                 with --cache-features: frame shards waiting for the encoder
     index.parquet             one row per input row: videoid, status, reason, shard, key
     summary.json              totals, failures by reason, config, timing
 
@@ -28,7 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CONFIG_FILE = "_config.json"
+ENCODER_FILE = "_encoder.json"  # with cached features: the encoder (config + weights hash) that made them
 PARTS_DIR = "_parts"
+STAGING_DIR = "_staging"  # frame shards waiting for the feature encoder
 INDEX_FILE = "index.parquet"
 SUMMARY_FILE = "summary.json"
 EXTENSIONS = {"webdataset": ".tar", "arrow": ".arrow"}

@@ -19,6 +19,36 @@ class CaptionConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    """The frozen ViT + ln_vision + image Q-Former run on the sampled frames (``--cache-features``)."""
+
+    enabled: bool = False
+    model: str = "vit-g-7b"  # a pipeline.model preset: its encoder sizes (the LLM part is not built)
+    blip2_path: str | None = None  # Hugging Face BLIP-2 folder, or the two LAVIS files below
+    eva_vit_path: str | None = None
+    qformer_lavis_path: str | None = None
+    seed: int = 0  # random encoder weights when no path is given (tests, demo)
+    keep_frames: bool = True  # store frames beside the features, or features only
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 8  # clips per encoder forward
+    concurrency: int = 1  # encoder actors
+    num_gpus: float | None = None  # per actor; default 1 when CUDA is present, else 0
+    num_cpus: float = 1.0  # per actor
+
+    def model_config(self):
+        from pipeline.model import preset
+
+        cfg = preset(self.model)
+        cfg.blip2_path, cfg.eva_vit_path, cfg.qformer_lavis_path = (
+            self.blip2_path,
+            self.eva_vit_path,
+            self.qformer_lavis_path,
+        )
+        cfg.validate()
+        return cfg
+
+
+@dataclass
 class PreprocessConfig:
     # input: WebVid CSV/TSV annotations + videos folder, or a folder of WebDataset tars of videos
     annotations: str | None = None
@@ -34,7 +64,9 @@ class PreprocessConfig:
     size: int = 224
     resize: Literal["squash", "center_crop"] = "squash"
     min_frames: int | None = None  # clips with fewer frames fail as too_short (default: num_frames)
+    views: int = 1  # sampler draws per clip (e.g. 4 headtail views keep the original's augmentation)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     # fault bounds for the decoder subprocess
     decode_timeout_s: float = 60.0
     decode_memory_mb: int = 4096
@@ -69,8 +101,15 @@ class PreprocessConfig:
             raise ConfigError("workers: must be >= 1")
         if self.decode_timeout_s <= 0:
             raise ConfigError("decode_timeout_s: must be > 0")
-        if self.sampling == "headtail" and self.num_frames % 2:
-            raise ConfigError("sampling=headtail needs an even num_frames (half from each half of the clip)")
+        if self.views < 1:
+            raise ConfigError("views: must be >= 1")
+        if self.features.enabled:
+            image_size = self.features.model_config().image_size
+            if image_size != self.size:
+                raise ConfigError(
+                    f"size: {self.size} but the {self.features.model!r} encoder takes {image_size}x{image_size} "
+                    f"frames; set size={image_size}"
+                )
 
     @property
     def required_frames(self) -> int:
@@ -92,5 +131,14 @@ class PreprocessConfig:
                     self.required_frames,
                 ],
                 "caption": vars(self.caption),
+                "views": self.views,
+                "features": None
+                if not self.features.enabled
+                else [
+                    self.features.model_config().encoder_fingerprint(),
+                    self.features.seed,
+                    self.features.keep_frames,
+                    self.features.dtype,
+                ],
             }
         )

@@ -34,6 +34,7 @@ class SamplingSpec:
     resize: Literal["squash", "center_crop"] = "squash"
     min_frames: int = 8
     threads: int = 1
+    views: int = 1  # independent draws of the sampler per clip (frames [views, T, ...] when > 1)
 
 
 class DecodeFailure(Exception):
@@ -107,20 +108,28 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
     vlen = len(vr)
     if vlen < spec.min_frames:
         raise DecodeFailure("too_short", f"{vlen} frames < {spec.min_frames} required")
-    indices = sample_indices(vlen, spec.num_frames, spec.sampling, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    views = [sample_indices(vlen, spec.num_frames, spec.sampling, rng) for _ in range(spec.views)]
+    wanted = sorted({i for v in views for i in v})  # decode each needed frame once, whatever the views
     try:
-        frames = vr.get_batch(indices).asnumpy()
-        times = vr.get_frame_timestamp(indices)[:, 0]
+        decoded = vr.get_batch(wanted).asnumpy()
+        stamps = vr.get_frame_timestamp(wanted)[:, 0]
     except Exception as e:
         raise DecodeFailure("decode_error", _first_line(e)) from None
+    pos = {f: i for i, f in enumerate(wanted)}
+    frames = np.stack([decoded[[pos[i] for i in v]] for v in views])
+    times = [[round(float(stamps[pos[i]]), 4) for i in v] for v in views]
     if spec.resize == "center_crop":
         top, left = (height - spec.size) // 2, (width - spec.size) // 2
-        frames = frames[:, top : top + spec.size, left : left + spec.size]
+        frames = frames[:, :, top : top + spec.size, left : left + spec.size]
+    indices = views if spec.views > 1 else views[0]
+    times = times if spec.views > 1 else times[0]
+    frames = frames if spec.views > 1 else frames[0]
     fps = float(vr.get_avg_fps())
     return {
         "frames": np.ascontiguousarray(frames, dtype=np.uint8),
         "frame_indices": indices,
-        "timestamps": [round(float(t), 4) for t in times],
+        "timestamps": times,
         "num_frames_total": vlen,
         "fps": round(fps, 4),
         "duration": round(vlen / fps, 4) if fps > 0 else None,

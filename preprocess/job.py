@@ -30,9 +30,11 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, to_dict
 from pipeline.shards import (
     CONFIG_FILE,
+    ENCODER_FILE,
     INDEX_FILE,
     INDEX_SCHEMA,
     PARTS_DIR,
+    STAGING_DIR,
     SUMMARY_FILE,
     list_shards,
     shard_name,
@@ -143,7 +145,12 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     )
     out = Path(cfg.output)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".*.tmp-*"), *(out / PARTS_DIR).glob(".*.tmp-*")]:
+    (out / STAGING_DIR).mkdir(exist_ok=True)
+    for stale in [
+        *out.glob(".*.tmp-*"),
+        *(out / PARTS_DIR).glob(".*.tmp-*"),
+        *(out / STAGING_DIR).glob(".*.tmp-*"),
+    ]:
         stale.unlink()  # left by a killed run; final names are only ever complete files
     write_json({"fingerprint": cfg.output_fingerprint(), "config": to_dict(cfg)}, out / CONFIG_FILE)
 
@@ -190,7 +197,19 @@ def _run_shards(cfg: PreprocessConfig, todo: list, results: dict, total: int) ->
 
     items = [{"shard": s, "rows": json.dumps(r)} for s, r in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(shard_task, num_cpus=1)
+    if cfg.features.enabled:
+        from preprocess.features import ShardEncoder
 
+        fc = cfg.features
+        gpus = fc.num_gpus if fc.num_gpus is not None else (1 if ray.cluster_resources().get("GPU") else 0)
+        ds = ds.map_batches(
+            ShardEncoder,
+            fn_constructor_args=(cfg,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=fc.concurrency),
+            num_gpus=gpus,
+            num_cpus=fc.num_cpus,
+        )
     stop = threading.Event()
     t0 = time.monotonic()
 
@@ -204,11 +223,27 @@ def _run_shards(cfg: PreprocessConfig, todo: list, results: dict, total: int) ->
     try:
         for rec in ds.iter_rows():
             results[rec["shard"]] = json.loads(rec["index"])
+            if "encoder" in rec:
+                _check_encoder(cfg, str(rec["encoder"]))
     finally:
         stop.set()
         reporter.join()
     ok, failed, reasons = ray.get(progress.get.remote())
     _print_progress(ok + failed, failed, total, t0, reasons)
+
+
+def _check_encoder(cfg: PreprocessConfig, identity: str) -> None:
+    """All feature shards of one output folder come from one encoder (config and weights)."""
+    path = Path(cfg.output) / ENCODER_FILE
+    if path.exists():
+        known = json.loads(path.read_text())["encoder"]
+        if known != identity:
+            raise RuntimeError(
+                f"feature encoder {identity} differs from {known}, which wrote this folder's other shards "
+                "(were the weight files changed?); use a new output folder"
+            )
+    else:
+        write_json({"encoder": identity}, path)
 
 
 def _finish(cfg, rows, results, shards, resumed, work_s, total_s) -> dict[str, Any]:
@@ -232,6 +267,7 @@ def _finish(cfg, rows, results, shards, resumed, work_s, total_s) -> dict[str, A
         "work_seconds": round(work_s, 3),
         "clips_per_s": round(processed / work_s, 3) if processed and work_s > 0 else None,
         "fingerprint": cfg.output_fingerprint(),
+        "encoder": json.loads((out / ENCODER_FILE).read_text())["encoder"] if cfg.features.enabled else None,
         "config": to_dict(cfg),
     }
     write_json(summary, out / SUMMARY_FILE)

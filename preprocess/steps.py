@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.shards import INDEX_SCHEMA, PARTS_DIR, ShardWriter, sample_key, shard_name, write_parquet
+import pyarrow as pa
+
+from pipeline.shards import (
+    INDEX_SCHEMA,
+    PARTS_DIR,
+    STAGING_DIR,
+    ShardWriter,
+    sample_key,
+    shard_name,
+    write_parquet,
+)
 from preprocess.config import CaptionConfig, PreprocessConfig
 from preprocess.decode import BoundedDecoder, DecodeFailure, SamplingSpec
 from preprocess.inputs import is_missing
@@ -65,7 +75,9 @@ def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def sampling_spec(cfg: PreprocessConfig) -> SamplingSpec:
-    return SamplingSpec(cfg.num_frames, cfg.sampling, cfg.size, cfg.resize, cfg.required_frames)
+    return SamplingSpec(
+        cfg.num_frames, cfg.sampling, cfg.size, cfg.resize, cfg.required_frames, views=cfg.views
+    )
 
 
 def index_row(row: dict[str, Any], status: str, reason: str = "", message: str = "", shard: str = "") -> dict:
@@ -81,14 +93,26 @@ def index_row(row: dict[str, Any], status: str, reason: str = "", message: str =
     }
 
 
+def staging_path(cfg: PreprocessConfig, shard: int) -> Path:
+    """Frames of a shard waiting for the feature encoder (``--cache-features``)."""
+    return Path(cfg.output) / STAGING_DIR / shard_name(shard, cfg.format)
+
+
+def part_path(cfg: PreprocessConfig, shard: int) -> Path:
+    return Path(cfg.output) / PARTS_DIR / f"{Path(shard_name(shard, cfg.format)).stem}.parquet"
+
+
 def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig, report=None) -> list[dict]:
     """Decode, clean and write one shard; returns one index row per input row.
 
-    ``report(ok, failed, reasons)`` is called now and then for progress (a Ray actor handle's method).
+    With the feature cache on, the frames go to the staging folder and the encoder step finishes the
+    shard; otherwise the shard and its index part (the commit marker) are written here.
+    ``report(delta)`` is called now and then for progress (a Ray actor handle's method).
     """
     out = Path(cfg.output)
     name = shard_name(shard, cfg.format)
-    writer = ShardWriter(out / name, cfg.format)
+    staged = cfg.features.enabled
+    writer = ShardWriter(staging_path(cfg, shard) if staged else out / name, cfg.format)
     index: list[dict] = []
     pending = {"ok": 0, "failed": 0, "reasons": {}}
     last = time.monotonic()
@@ -129,9 +153,10 @@ def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig,
         raise
     if report is not None:
         report(pending)
-    import pyarrow as pa
-
-    write_parquet(
-        pa.Table.from_pylist(index, schema=INDEX_SCHEMA), out / PARTS_DIR / f"{Path(name).stem}.parquet"
-    )
+    if not staged:
+        write_part(cfg, shard, index)
     return index
+
+
+def write_part(cfg: PreprocessConfig, shard: int, index: list[dict]) -> None:
+    write_parquet(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), part_path(cfg, shard))

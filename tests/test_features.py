@@ -1,0 +1,71 @@
+"""The feature cache: real Ray actor pool, tiny encoder built in code, read back and compared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.model import FrozenEncoder, VideoLLaMA, clip_from_frames, tiny
+from pipeline.shards import list_shards, read_shard
+from preprocess.config import PreprocessConfig
+from preprocess.job import run
+
+
+def cache_cfg(corpus, out, **kw) -> PreprocessConfig:
+    values = {
+        "annotations": corpus["annotations"],
+        "videos": corpus["videos"],
+        "output": str(out),
+        "size": 56,
+        "samples_per_shard": 4,
+        "features.enabled": True,
+        "features.model": "tiny",
+        "features.batch_size": 3,
+        **kw,
+    }
+    return load_config(PreprocessConfig, values=values)
+
+
+def test_cached_features_equal_running_the_encoder(ray_local, corpus, tmp_path):
+    summary = run(cache_cfg(corpus, tmp_path / "out"))
+    assert summary["ok"] == sum(r == "ok" for _, r in corpus["expected"])
+    encoder = FrozenEncoder(tiny(), seed=0)
+    assert summary["encoder"].endswith(encoder.weights_fingerprint())
+    samples = [s for p in list_shards(tmp_path / "out") for s in read_shard(p)]
+    assert len(samples) == summary["ok"]
+    assert not list((tmp_path / "out" / "_staging").iterdir())
+    for s in samples:
+        assert s["features"].shape == (8, 32, 64) and s["features"].dtype == np.float16
+        assert s["frames"].shape == (8, 56, 56, 3)
+        assert s["meta"]["encoder"] == summary["encoder"]
+        direct = encoder(clip_from_frames(s["frames"][None]))[0].to(torch.float16).numpy()
+        np.testing.assert_allclose(s["features"].astype(np.float32), direct.astype(np.float32), atol=2e-3)
+
+
+def test_views_and_features_only_arrow(ray_local, corpus, tmp_path):
+    cfg = cache_cfg(corpus, tmp_path / "out", format="arrow", sampling="headtail", views=3)
+    cfg.features.keep_frames = False
+    summary = run(cfg)
+    samples = [s for p in list_shards(tmp_path / "out") for s in read_shard(p)]
+    assert len(samples) == summary["ok"] > 0
+    for s in samples:
+        assert "frames" not in s and s["features"].shape == (3, 8, 32, 64)
+        views = s["meta"]["frame_indices"]
+        assert len(views) == 3 and all(len(v) == 8 for v in views)
+        assert len({tuple(v) for v in views}) > 1, "views are independent headtail draws"
+        assert not np.array_equal(s["features"][0], s["features"][1]) or views[0] == views[1]
+
+
+def test_cached_features_train_path_matches_frames_path(corpus, tmp_path):
+    """The trainable part sees the same input whether the batch carries frames or cached features."""
+    model = VideoLLaMA(tiny()).eval()
+    frames = np.random.default_rng(0).integers(0, 255, size=(2, 8, 56, 56, 3), dtype=np.uint8)
+    cached = FrozenEncoder(tiny(), seed=0)(clip_from_frames(frames))
+    torch.testing.assert_close(model.encode_frames(clip_from_frames(frames)), cached)
+
+
+def test_size_must_match_encoder(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="takes 56x56 frames"):
+        cache_cfg(corpus, tmp_path / "o", size=32)
