@@ -56,6 +56,12 @@ def make_sample(
 @click.option("--annotations", help="WebVid CSV/TSV file or folder of them (columns videoid, page_dir, name)")
 @click.option("--videos", help="videos folder: VIDEOS/<page_dir>/<videoid>.mp4")
 @click.option("--tars", help="instead: folder of WebDataset tars of videos (.mp4 + .json/.txt caption)")
+@click.option(
+    "--dataset",
+    type=click.Choice(["webvid", "cc_sbu_align", "llava", "videochat"]),
+    help="what --annotations holds [webvid]; instruction sets are JSON files",
+)
+@click.option("--images", help="image folder for --dataset cc_sbu_align / llava")
 @click.option("--output", help="output shard folder")
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "arrow"]), help="shard format [webdataset]")
 @click.option("--samples-per-shard", type=int, help="input rows per shard [256]")

@@ -54,6 +54,9 @@ class PreprocessConfig:
     annotations: str | None = None
     videos: str | None = None
     tars: str | None = None
+    # what --annotations holds: WebVid CSV/TSV, or a stage-2 instruction set (JSON + --images/--videos)
+    dataset: Literal["webvid", "cc_sbu_align", "llava", "videochat"] = "webvid"
+    images: str | None = None
     output: str = ""
     format: Literal["webdataset", "arrow"] = "webdataset"
     samples_per_shard: int = 256  # input rows per shard; failed rows make a shard smaller
@@ -81,12 +84,7 @@ class PreprocessConfig:
     def validate(self) -> None:
         if not self.output:
             raise ConfigError("output: an output folder is required (--output DIR)")
-        if self.tars and (self.annotations or self.videos):
-            raise ConfigError("give either --tars or --annotations/--videos, not both")
-        if not self.tars and not (self.annotations and self.videos):
-            raise ConfigError(
-                "input: give --annotations and --videos (WebVid layout) or --tars (WebDataset tars)"
-            )
+        self._validate_inputs()
         if not 1 <= self.num_frames <= 32:
             raise ConfigError(
                 f"num_frames: {self.num_frames} is outside 1..32 (the frame position embedding has 32 rows)"
@@ -111,6 +109,26 @@ class PreprocessConfig:
                     f"frames; set size={image_size}"
                 )
 
+    def _validate_inputs(self) -> None:
+        if self.dataset in ("cc_sbu_align", "llava"):
+            if not (self.annotations and self.images) or self.videos or self.tars:
+                raise ConfigError(f"input: dataset={self.dataset} takes --annotations JSON and --images DIR")
+            return
+        if self.images:
+            raise ConfigError(f"images: dataset={self.dataset} reads videos, not --images")
+        if self.tars and (self.annotations or self.videos or self.dataset != "webvid"):
+            raise ConfigError(
+                "give either --tars (WebVid WebDataset tars) or --annotations/--videos, not both"
+            )
+        if not self.tars and not (self.annotations and self.videos):
+            raise ConfigError(
+                "input: give --annotations and --videos (WebVid layout) or --tars (WebDataset tars)"
+            )
+
+    @property
+    def is_image_dataset(self) -> bool:
+        return self.dataset in ("cc_sbu_align", "llava")
+
     @property
     def required_frames(self) -> int:
         return self.min_frames if self.min_frames is not None else self.num_frames
@@ -119,7 +137,7 @@ class PreprocessConfig:
         """Hash of everything that changes the shards' contents; a rerun must match it to resume."""
         return fingerprint(
             {
-                "input": [self.annotations, self.videos, self.tars, self.limit],
+                "input": [self.dataset, self.annotations, self.videos, self.images, self.tars, self.limit],
                 "format": self.format,
                 "samples_per_shard": self.samples_per_shard,
                 "frames": [

@@ -93,8 +93,38 @@ def _first_line(e: Exception) -> str:
     return re.sub(r"\[\d\d:\d\d:\d\d\] ", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
 
 
+def decode_image(path: str, spec: SamplingSpec) -> dict[str, Any]:
+    """An image as a 1-frame clip ``[1, H, W, 3]``: same size and resize mode as video frames (bicubic)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if spec.resize == "squash":
+                im = im.resize((spec.size, spec.size), Image.BICUBIC)
+            else:
+                s = spec.size / min(w, h)
+                im = im.resize((max(spec.size, round(w * s)), max(spec.size, round(h * s))), Image.BICUBIC)
+                left, top = (im.width - spec.size) // 2, (im.height - spec.size) // 2
+                im = im.crop((left, top, left + spec.size, top + spec.size))
+            frame = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DecodeFailure("bad_image", _first_line(e)) from None
+    return {
+        "frames": frame[None],
+        "frame_indices": [0],
+        "timestamps": [0.0],
+        "num_frames_total": 1,
+        "width": w,
+        "height": h,
+    }
+
+
 def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> dict[str, Any]:
     """Open with decord straight at the target size, sample indices, decode only those frames."""
+    if source.get("image"):
+        return decode_image(source["path"], spec)
     import decord
 
     src = _open_source(source)

@@ -163,3 +163,111 @@ def read_tars(folder: str, limit: int | None = None) -> list[dict[str, Any]]:
 
 def is_missing(text: Any) -> bool:
     return text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip()
+
+
+# ---- stage-2 instruction sets ------------------------------------------------------------------
+
+
+def _load_json(path: str, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"annotations: {what} file {str(p)!r} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"annotations: {str(p)!r} is not valid JSON: {e}") from None
+
+
+def _media_dir(path: str, what: str) -> str:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{what}: {path!r} is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(f"{what}: folder {path!r} is not readable")
+    return str(Path(path))
+
+
+def _malformed(n: int, rid: Any, why: str) -> dict[str, Any]:
+    return {"row": n, "videoid": None if rid is None else str(rid), "caption": None, "source": {"error": why}}
+
+
+def _cc_sbu_row(n: int, rec: Any, media: str) -> dict[str, Any]:
+    if not isinstance(rec, dict) or "image_id" not in rec:
+        return _malformed(n, None, f"malformed record: {str(rec)[:80]}")
+    iid = rec["image_id"]
+    rel = f"{iid}.jpg"
+    return {
+        "row": n,
+        "videoid": str(iid),
+        "caption": rec.get("caption"),
+        "source": {"media": media, "rel": rel},
+    }
+
+
+def _conversation(turns: Any) -> list[dict[str, str]] | None:
+    """LLaVA turns ``[{from: human|gpt, value}]``, alternating and starting with the human."""
+    if not isinstance(turns, list) or len(turns) < 2:
+        return None
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            return None
+        if t.get("from") != ("human" if i % 2 == 0 else "gpt"):
+            return None
+        out.append({"from": t["from"], "value": t["value"]})
+    return out
+
+
+def _llava_row(n: int, rec: Any, media: str) -> dict[str, Any]:
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+        return _malformed(n, rec.get("id") if isinstance(rec, dict) else None, "malformed record: no image")
+    conv = _conversation(rec.get("conversations"))
+    if conv is None:
+        return _malformed(n, rec.get("id"), "malformed record: conversations must alternate human/gpt")
+    return {
+        "row": n,
+        "videoid": str(rec.get("id", rec["image"])),
+        "caption": "",
+        "conversations": conv,
+        "source": {"media": media, "rel": rec["image"]},
+    }
+
+
+def _videochat_row(n: int, rec: Any, media: str) -> dict[str, Any]:
+    if not isinstance(rec, dict) or not isinstance(rec.get("video"), str):
+        return _malformed(n, None, "malformed record: no video")
+    qa = rec.get("QA")
+    if (
+        not isinstance(qa, list)
+        or not qa
+        or not all(
+            isinstance(x, dict) and isinstance(x.get("q"), str) and isinstance(x.get("a"), str) for x in qa
+        )
+    ):
+        return _malformed(n, rec["video"], "malformed record: QA must be a non-empty list of {q, a}")
+    conv = [t for x in qa for t in ({"from": "human", "value": x["q"]}, {"from": "gpt", "value": x["a"]})]
+    return {
+        "row": n,
+        "videoid": rec["video"],
+        "caption": "",
+        "conversations": conv,
+        "source": {"media": media, "rel": rec["video"]},
+    }
+
+
+def read_instructions(dataset: str, annotations: str, media: str, limit: int | None = None) -> list[dict]:
+    """cc_sbu_align ``filter_cap.json``, LLaVA-Instruct JSON or VideoChat JSON -> rows.
+
+    A record that cannot be used becomes a row whose source carries the error, so it is counted.
+    """
+    data = _load_json(annotations, dataset)
+    media = _media_dir(media, "images" if dataset != "videochat" else "videos")
+    if dataset == "cc_sbu_align":
+        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+            raise ConfigError(f"annotations: {annotations!r} lacks the cc_sbu_align 'annotations' list")
+        records, make = data["annotations"], _cc_sbu_row
+    else:
+        if not isinstance(data, list):
+            raise ConfigError(f"annotations: {annotations!r} must hold a JSON list of {dataset} records")
+        records, make = data, (_llava_row if dataset == "llava" else _videochat_row)
+    records = records if limit is None else records[:limit]
+    return [make(n, rec, media) for n, rec in enumerate(records)]

@@ -42,17 +42,26 @@ from pipeline.shards import (
     write_parquet,
 )
 from preprocess.config import PreprocessConfig
-from preprocess.inputs import read_annotations, read_tars
+from preprocess.inputs import read_annotations, read_instructions, read_tars
 from preprocess.steps import process_shard
 
 
 def resolve_paths(cfg: PreprocessConfig) -> None:
     """Absolute input/output paths: Ray workers may run elsewhere, and the fingerprint must not
     depend on the directory the job was started from."""
-    for name in ("annotations", "videos", "tars", "output"):
+    for name in ("annotations", "videos", "images", "tars", "output"):
         value = getattr(cfg, name)
         if value:
             setattr(cfg, name, os.path.abspath(value))
+
+
+def read_rows(cfg: PreprocessConfig) -> list[dict[str, Any]]:
+    if cfg.tars:
+        return read_tars(cfg.tars, cfg.limit)
+    if cfg.dataset == "webvid":
+        return read_annotations(cfg.annotations, cfg.videos, cfg.limit)
+    media = cfg.images if cfg.is_image_dataset else cfg.videos
+    return read_instructions(cfg.dataset, cfg.annotations, media, cfg.limit)
 
 
 def check_output(cfg: PreprocessConfig) -> None:
@@ -138,11 +147,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     t_start = time.monotonic()
     resolve_paths(cfg)
     check_output(cfg)
-    rows = (
-        read_tars(cfg.tars, cfg.limit)
-        if cfg.tars
-        else read_annotations(cfg.annotations, cfg.videos, cfg.limit)
-    )
+    rows = read_rows(cfg)
     out = Path(cfg.output)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (out / STAGING_DIR).mkdir(exist_ok=True)

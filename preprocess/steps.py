@@ -43,35 +43,51 @@ def clean_caption(text: str, cfg: CaptionConfig) -> str:
 
 
 def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
-    """Check a row and find its video; raises ``DecodeFailure`` with the row's reason."""
-    if is_missing(row.get("caption")):
-        raise DecodeFailure("missing_caption", "empty or NaN caption")
+    """Check a row and find its media; raises ``DecodeFailure`` with the row's reason."""
     src = row["source"]
     if "error" in src:
-        raise DecodeFailure("missing_file" if "no .mp4" in src["error"] else "unreadable_tar", src["error"])
+        err = src["error"]
+        reason = (
+            "malformed_record"
+            if err.startswith("malformed")
+            else "missing_file"
+            if "no .mp4" in err
+            else "unreadable_tar"
+        )
+        raise DecodeFailure(reason, err)
+    if "conversations" not in row and is_missing(row.get("caption")):
+        raise DecodeFailure("missing_caption", "empty or NaN caption")
     if "tar" in src:
         if src["size"] == 0:
             raise DecodeFailure("empty_file", f"{src['member']} is 0 bytes")
         return src
+    if "media" in src:  # instruction sets: a path relative to --images / --videos
+        return _checked_path(src["media"], str(src["rel"]))
     if is_missing(src["videoid"]):
         raise DecodeFailure("missing_videoid", "empty videoid")
     if is_missing(src["page_dir"]):
         raise DecodeFailure("empty_page_dir", "empty page_dir: the video's folder is unknown")
-    root = os.path.normpath(src["videos"])
-    path = os.path.normpath(os.path.join(root, str(src["page_dir"]), f"{src['videoid']}.mp4"))
+    return _checked_path(src["videos"], os.path.join(str(src["page_dir"]), f"{src['videoid']}.mp4"))
+
+
+def _checked_path(root: str, rel: str) -> dict[str, Any]:
+    """``root/rel`` if it stays inside ``root`` and is a non-empty file (FIFOs etc. go to the decoder)."""
+    root = os.path.normpath(root)
+    path = os.path.normpath(os.path.join(root, rel))
     if not path.startswith(root + os.sep):
-        raise DecodeFailure("path_escape", f"{src['page_dir']}/{src['videoid']}.mp4 leaves the videos folder")
+        raise DecodeFailure("path_escape", f"{rel} leaves the media folder")
+    shown = os.path.relpath(path, root)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise DecodeFailure("missing_file", f"{os.path.relpath(path, root)} does not exist") from None
+        raise DecodeFailure("missing_file", f"{shown} does not exist") from None
     except OSError as e:
-        raise DecodeFailure("unreadable_file", f"{os.path.relpath(path, root)}: {e.strerror}") from None
+        raise DecodeFailure("unreadable_file", f"{shown}: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise DecodeFailure("not_a_file", f"{os.path.relpath(path, root)} is a folder")
+        raise DecodeFailure("not_a_file", f"{shown} is a folder")
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        raise DecodeFailure("empty_file", f"{os.path.relpath(path, root)} is 0 bytes")
-    return {"path": path, "rel": os.path.relpath(path, root)}
+        raise DecodeFailure("empty_file", f"{shown} is 0 bytes")
+    return {"path": path, "rel": shown}
 
 
 def sampling_spec(cfg: PreprocessConfig) -> SamplingSpec:
@@ -124,6 +140,8 @@ def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig,
             for row in rows:
                 try:
                     source = resolve_source(row)
+                    if cfg.is_image_dataset:
+                        source["image"] = True
                     clip = decoder.decode(source, [cfg.seed, row["row"]])
                 except DecodeFailure as e:
                     index.append(index_row(row, "failed", e.reason, e.message))
@@ -138,6 +156,8 @@ def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig,
                         "source": source.get("rel") or source.get("member"),
                         **clip,
                     }
+                    if "conversations" in row:
+                        meta["conversations"] = row["conversations"]
                     caption = clean_caption(str(row["caption"]), cfg.caption)
                     writer.write(
                         {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
