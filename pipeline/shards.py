@@ -197,7 +197,11 @@ def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
         return
     import webdataset as wds
 
-    for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+    # one named shard: no node/worker splitting (callers split shard lists themselves)
+    dataset = wds.WebDataset(
+        str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+    )
+    for s in dataset:
         sample = {"key": s["__key__"], "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
         for n in ("frames", "features"):
             if f"{n}.npy" in s:

@@ -322,3 +322,38 @@ def test_encoder_without_weights_or_with_holes_is_an_error(tmp_path):
     cfg.eva_vit_path, cfg.qformer_lavis_path = str(tmp_path / "eva.pth"), str(tmp_path / "blip2.pth")
     with pytest.raises(WeightsError, match=r"visual_encoder\.encoder\.layers\.1\.mlp\.fc2\.bias"):
         load_frozen_encoder(VideoLLaMA(cfg))
+
+
+def test_convert_cli(released_7b, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path, original = released_7b
+    r = subprocess.run(
+        [sys.executable, "cli.py", "convert", str(path), str(tmp_path / "exp")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"loaded {len(original)} tensors" in r.stdout and "position_ids" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "cli.py", "convert", str(tmp_path / "exp"), str(tmp_path / "b.pth")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    back = torch_load(tmp_path / "b.pth")["model"]
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(5120, 768)}}, bad)
+    r = subprocess.run(
+        [sys.executable, "cli.py", "convert", str(bad), str(tmp_path / "x")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "Error:" in r.stderr and "llama_proj" in r.stderr

@@ -1,0 +1,1 @@
+"""Training stages: ``train.loop.run(cfg)`` with the typed ``train.config.TrainConfig``."""

@@ -1,0 +1,124 @@
+"""Experiment tracking behind a small interface: params, metrics, artifacts, close.
+
+Rank 0 gets an ``MlflowTracker``, every other rank a ``NullTracker``. The store is, in order: the
+config's ``tracking_uri``, ``$MLFLOW_TRACKING_URI``, else ``sqlite:///RUN_DIR/mlflow.db`` (never the file
+store). The MLflow run id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run continues the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_uri(run_dir: str | Path, uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+class MlflowTracker:
+    """One MLflow run; resumes the run whose id is stored in ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, experiment: str, uri: str | None = None, run_name=None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(run_dir, uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        id_file = Path(run_dir) / RUN_ID_FILE
+        self.resumed = id_file.is_file()
+        if self.resumed:
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            exp = self.client.get_experiment_by_name(experiment)
+            # a SQLite store lives in the run dir, and so do its artifacts (MLflow's default is ./mlruns)
+            where = (
+                (Path(run_dir) / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
+            )
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, where)
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            id_file.write_text(self.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Logged once per run: a resumed run keeps the first attempt's params (MLflow refuses changes)."""
+        from mlflow.entities import Param
+
+        if self.resumed:
+            return
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        )
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(is_main: bool, enabled: bool, run_dir, experiment: str, uri=None, run_name=None):
+    if not (is_main and enabled):
+        return NullTracker()
+    return MlflowTracker(run_dir, experiment, uri, run_name)

@@ -1,0 +1,354 @@
+"""Stage-1 training end to end on CPU: real preprocessing, real launcher (torchrun), DeepSpeed ZeRO-2 over
+gloo, MLflow on SQLite and on a real ``mlflow server``; tiny model, 56 px frames, a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import ConfigError, load_config
+from pipeline.model import TRAINABLE, VideoLLaMA, tiny
+from pipeline.prompts import prepare_tokenizer
+from pipeline.shards import ShardWriter, read_shard
+from pipeline.tiny import tiny_tokenizer
+from pipeline.weights import load_trainable
+from tests.conftest import build_corpus
+from train.config import OptimConfig, TrainConfig
+from train.data import TrainStream, check_shards, frames_to_clip, make_loader, shard_counts
+from train.loop import ds_config, lr_at, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "stage1_tiny.yaml"
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def train_cmd(nproc: int, *overrides: str) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    return [*launcher, str(REPO / "cli.py"), "train", "--config", str(TINY), *overrides]
+
+
+def run_train(nproc: int, *overrides: str, env=None, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        train_cmd(nproc, *overrides), cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=300
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    """8 clips -> 4 webdataset shards of 8 frames at the tiny preset's 56 px, by the real job."""
+    from preprocess.config import PreprocessConfig
+    from preprocess.job import run
+
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = build_corpus(root / "corpus", good=8, bad=False)
+    out = root / "shards"
+    cfg = PreprocessConfig(
+        annotations=corpus["annotations"],
+        videos=corpus["videos"],
+        output=str(out),
+        size=tiny().image_size,
+        samples_per_shard=2,
+        workers=2,
+    )
+    assert run(cfg)["ok"] == 8
+    return out
+
+
+def write_feature_shards(frames_dir: Path, out: Path, fingerprint: str | None = None) -> Path:
+    """The same samples as ``frames_dir`` with cached features (fp16 [T,32,D]) from the seeded tiny encoder,
+    as Arrow shards: the second shard format."""
+    torch.manual_seed(42)  # = the training seed: the same frozen encoder as the run builds
+    model = VideoLLaMA(tiny()).eval()
+    out.mkdir(parents=True)
+    identity = f"{fingerprint or model.cfg.encoder_fingerprint()}-0000"  # as preprocess.features records it
+    (out / "_encoder.json").write_text(json.dumps({"encoder": identity}))
+    for path in sorted(frames_dir.glob("shard-*.tar")):
+        writer = ShardWriter(out / (path.stem + ".arrow"), "arrow")
+        for s in read_shard(path):
+            clip = frames_to_clip(torch.from_numpy(s["frames"])[None])
+            feats = model.encode_frames(clip)[0].to(torch.float16).numpy()
+            writer.write({"key": s["key"], "caption": s["caption"], "meta": s["meta"], "features": feats})
+        writer.commit()
+    return out
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+
+
+def test_schedule_warmup_then_cosine():
+    o = OptimConfig(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=10)
+    assert lr_at(0, o, 100) == pytest.approx(1e-6)
+    assert lr_at(5, o, 100) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    assert lr_at(10, o, 100) == pytest.approx(1e-4)
+    assert lr_at(55, o, 100) == pytest.approx(9e-5)
+    assert lr_at(100, o, 100) == pytest.approx(8e-5)
+
+
+def test_only_trainable_params_optimised_with_decay_on_matrices():
+    torch.manual_seed(0)
+    model = VideoLLaMA(tiny())
+    decay, no_decay = param_groups(model, 0.05)
+    trainable = {id(p) for _, p in model.trainable_parameters()}
+    got = decay["params"] + no_decay["params"]
+    assert {id(p) for p in got} == trainable and len(got) == len(trainable)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.split(".")[0] in TRAINABLE for n in names)
+
+
+def test_ds_config_batch_sizes_from_typed_config(tmp_path):
+    cfg = load_config(TrainConfig, TINY, [f"data.shards={tmp_path}", "micro_batch=3", "grad_accum=4"])
+    ds = ds_config(cfg, "bf16", world_size=8, on_gpu=True)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 4)
+    assert ds["train_batch_size"] == 96 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    assert "auto" not in json.dumps(ds)
+    assert not ds_config(cfg, "fp32", 2, on_gpu=False)["bf16"]["enabled"]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="max_step"):
+        load_config(TrainConfig, TINY, ["max_step=3"])
+    with pytest.raises(ConfigError, match="model.*vision_widht"):
+        load_config(TrainConfig, TINY, ["model.vision_widht=3"])
+    with pytest.raises(ConfigError, match="data.shards or data.datasets"):
+        load_config(TrainConfig, TINY, [f"data.datasets=[{{shards: {tmp_path}}}]"])
+
+
+def _stream(datasets, cursors=None, offset=0, rank=0):
+    tok = tiny_tokenizer()
+    prepare_tokenizer(tok)
+    return TrainStream(
+        datasets,
+        kind="frames",
+        tokenizer=tok,
+        mcfg=tiny(),
+        micro_batch=2,
+        max_caption_tokens=32,
+        rank=rank,
+        world_size=2,
+        workers=2,
+        seed=3,
+        cursors=cursors,
+        offset=offset,
+    )
+
+
+@pytest.mark.parametrize("stop", [3, 4])
+def test_stream_restarts_exactly_from_its_cursor(shards, stop):
+    counts = shard_counts(shards)
+    assert [n for _, n in counts] == [2, 2, 2, 2]
+    datasets = [(counts, 1.0), (counts[:2] + counts[:2], 3.0)]  # two "datasets", mixed 1:3
+    full = list(_take(make_loader(_stream(datasets, rank=1), 2, 2), 12))
+    cursors = [{"batches": 0, "samples": [0, 0]} for _ in range(2)]
+    for b in full[:stop]:
+        cursors[b["slot"]] = b["cursor"]
+    offset = sum(c["batches"] for c in cursors) % 2
+    rest = list(_take(make_loader(_stream(datasets, cursors, offset, rank=1), 2, 2), 12 - stop))
+    for a, b in zip(full[stop:], rest, strict=True):
+        assert a["dataset"] == b["dataset"] and torch.equal(a["frames"], b["frames"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    assert {b["dataset"] for b in full} == {0, 1}
+
+
+def _take(loader, n):
+    it = iter(loader)
+    for _ in range(n):
+        yield next(it)
+
+
+def test_mismatched_shards_are_refused(shards, tmp_path):
+    cfg = tiny()
+    assert check_shards(shards, "auto", 8, cfg) == "frames"
+    with pytest.raises(ConfigError, match=r"model.image_size is 28 but .* 56x56"):
+        check_shards(shards, "auto", 8, load_config(type(cfg), values={**vars(cfg), "image_size": 28}))
+    with pytest.raises(ConfigError, match="data.num_frames is 4 but .* 8 frames"):
+        check_shards(shards, "auto", 4, cfg)
+    with pytest.raises(ConfigError, match="data.input=features but .* hold frames"):
+        check_shards(shards, "features", 8, cfg)
+    other = write_feature_shards(shards, tmp_path / "feats", fingerprint="0123456789abcdef")
+    with pytest.raises(ConfigError, match="another frozen encoder"):
+        check_shards(other, "auto", 8, cfg)
+    # through the command line: a clear one-line error, no traceback
+    p = run_train(1, f"data.shards={shards}", f"run_dir={tmp_path / 'r'}", "data.num_frames=4", check=False)
+    assert p.returncode != 0 and "data.num_frames is 4" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---- training runs -----------------------------------------------------------------------------
+
+
+def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    args = [f"data.shards={shards}", f"run_dir={run_dir}", "save_every=10", "optim.init_lr=5e-3"]
+    run_train(1, *args, "max_steps=40")
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, 41))
+    first, last = np.mean([loss[s] for s in range(1, 5)]), np.mean([loss[s] for s in range(36, 41)])
+    # 8 captions through 32 soft tokens into a random frozen 2-layer LLM: from ln(1000) = 6.9 down
+    assert first > 6.8 and last < first - 0.15, (first, last)
+
+    # the checkpoint holds trainable weights + Adam state, no frozen weights
+    ckpt = checkpoint.latest(run_dir)
+    assert ckpt.name == "step_00000040" and len(checkpoint.complete_checkpoints(run_dir)) == 2
+    torch.manual_seed(0)
+    model = VideoLLaMA(tiny())
+    n_trainable = sum(p.numel() for _, p in model.trainable_parameters())
+    n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
+    size = checkpoint.checkpoint_bytes(ckpt)
+    # fp32 weights + master copy + Adam m, v = 16 bytes per trainable param (+ headers); the frozen
+    # weights (4 bytes each) would not fit under the bound
+    assert size < 5 * 4 * n_trainable < size + 4 * n_frozen, (size, n_trainable, n_frozen)
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert not frozen & set(module) and {n for n, _ in model.trainable_parameters()} <= set(module)
+    sd, mcfg = load_trainable(run_dir / "export")
+    assert mcfg == tiny() and torch.equal(sd["llama_proj.weight"], module["llama_proj.weight"].float())
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    run = client.get_run(run_id)
+    assert run.data.params["max_steps"] == "40" and run.data.tags["git_commit"]
+    for name in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_s", "compute_s"):
+        assert len(client.get_metric_history(run_id, name)) == 40, name
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [loss[s] for s in range(1, 41)]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "export"}
+
+    # the same command with more steps continues the run and the MLflow run
+    run_train(1, *args, "max_steps=45")
+    assert sorted(losses(run_dir)) == list(range(1, 46))
+    assert (run_dir / "mlflow_run_id").read_text() == run_id
+    assert len(client.get_metric_history(run_id, "loss")) == 45
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
+    args = [f"data.shards={shards}", "max_steps=150", "save_every=10", "data.workers=2", "tracking=false"]
+    ref = tmp_path / "ref"
+    run_train(2, *args, f"run_dir={ref}")
+    expected = losses(ref)
+    assert sorted(expected) == list(range(1, 151))
+
+    run_dir = tmp_path / "killed"
+    cmd = train_cmd(2, *args, f"run_dir={run_dir}")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while checkpoint.latest(run_dir) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(run_dir))
+    assert killed_at < 150, "the run finished before it could be killed"
+
+    run_train(2, *args, f"run_dir={run_dir}")
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 151))
+    diff = max(abs(got[s] - expected[s]) for s in expected)
+    assert diff <= 1e-6, (killed_at, diff)
+
+
+def test_cached_features_from_arrow_shards_train_like_frames(shards, tmp_path):
+    feats = write_feature_shards(shards, tmp_path / "feats")
+    common = ["max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0"]
+    run_train(1, f"data.shards={feats}", f"run_dir={tmp_path / 'f'}", *common)
+    run_train(1, f"data.shards={shards}", f"run_dir={tmp_path / 'v'}", *common)
+    f, v = losses(tmp_path / "f"), losses(tmp_path / "v")
+    assert all(abs(f[s] - v[s]) < 5e-3 for s in (1, 2, 3)), (f, v)  # fp16 cache vs fp32 encoder output
+    mixed = f"data.datasets=[{{shards: {feats}, weight: 1}}, {{shards: {feats}, weight: 3}}]"
+    run_train(1, mixed, "data.shards=null", f"run_dir={tmp_path / 'm'}", *common)
+    assert sorted(losses(tmp_path / "m")) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_mlflow_server_receives_the_run(shards, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        run_train(
+            1,
+            f"data.shards={shards}",
+            f"run_dir={run_dir}",
+            "max_steps=4",
+            "save_every=2",
+            env=_env(MLFLOW_TRACKING_URI=uri),
+        )
+        assert not (run_dir / "mlflow.db").exists()
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        run_id = (run_dir / "mlflow_run_id").read_text()
+        history = client.get_metric_history(run_id, "loss")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert [m.value for m in history] == pytest.approx([losses(run_dir)[s] for s in (1, 2, 3, 4)])
+        assert "export" in {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,0 +1,102 @@
+"""The training stage's typed config (YAML + ``key=value`` overrides; see configs/stage1_*.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.config import ConfigError, load_config
+from pipeline.model import PRESETS, ModelConfig, preset
+
+
+@dataclass
+class DatasetSpec:
+    shards: str
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # one shard folder (``data.shards=DIR``) or several mixed by weight: each batch from one of them
+    shards: str | None = None
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    input: Literal["auto", "frames", "features"] = "auto"  # auto: cached features when the shards hold them
+    num_frames: int = 8  # the shards must hold exactly this many frames per clip
+    max_caption_tokens: int = 32
+    workers: int = 2  # DataLoader workers per rank (0: load in the training process)
+    prefetch: int = 2
+    seed: int | None = None  # shard order; default: the run seed
+
+    def specs(self) -> list[DatasetSpec]:
+        return [DatasetSpec(self.shards)] if self.shards else list(self.datasets)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + the original schedule: linear warmup_lr -> init_lr over warmup_steps, cosine to min_lr."""
+
+    init_lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 2500
+    weight_decay: float = 0.05  # on ndim >= 2 params; biases and norms 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/stage1"
+    model_preset: str = "vit-g-7b"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig keys over the preset
+    tokenizer: str | None = None  # default: model.llm_path; tiny preset without llm_path: built in code
+    init_from: str | None = None  # trainable-weights export or Video-LLaMA .pth to start from
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch: int = 32  # per rank per forward
+    grad_accum: int = 1
+    max_steps: int | None = None  # optimizer steps; else epochs x steps_per_epoch
+    epochs: int = 5
+    steps_per_epoch: int | None = None  # the original: 2500 "iters per epoch"; default: samples / batch
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_config: str = "ds_configs/zero2.json"
+    seed: int = 42
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 1
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    experiment: str = "videollama-stage1"
+    run_name: str | None = None
+    tracking: bool = True
+
+    def validate(self) -> None:
+        if self.model_preset not in PRESETS:
+            raise ConfigError(f"model_preset: {self.model_preset!r} is not one of {', '.join(PRESETS)}")
+        self.model_config()  # rejects unknown model keys early
+        specs = self.data.specs()
+        if self.data.shards and self.data.datasets:
+            raise ConfigError("data: give data.shards or data.datasets, not both")
+        if not specs:
+            raise ConfigError("data.shards: a shard folder is required (or data.datasets)")
+        if any(s.weight <= 0 for s in specs):
+            raise ConfigError("data.datasets[].weight: weights must be > 0")
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("micro_batch and grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps: must be >= 1")
+        if self.save_every < 1 or self.keep_last < 1:
+            raise ConfigError("save_every and keep_last must be >= 1")
+        if not 1 <= self.data.num_frames <= self.model_config().max_frames:
+            raise ConfigError(f"data.num_frames: {self.data.num_frames} is outside 1..model.max_frames")
+        o = self.optim
+        if not (o.init_lr > 0 and o.min_lr >= 0 and o.warmup_lr >= 0 and o.warmup_steps >= 0):
+            raise ConfigError("optim: learning rates must be >= 0 (init_lr > 0) and warmup_steps >= 0")
+
+    def model_config(self) -> ModelConfig:
+        base = dataclasses.asdict(preset(self.model_preset))
+        try:
+            return load_config(ModelConfig, values={**base, **self.model})
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from None

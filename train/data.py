@@ -1,0 +1,263 @@
+"""The training stream: shards -> per-(rank, worker) sample streams -> one-dataset batches.
+
+Exact resume needs a cursor that is plain data, so the order is fixed by the seed alone:
+
+1. every epoch shuffles each dataset's shard list with ``rng(seed, epoch)``;
+2. rank r, DataLoader worker w reads shards ``order[slot::num_slots]`` (slot = r * workers + w), samples
+   in file order, epoch after epoch (an endless stream; the run length is counted in steps);
+3. each batch comes from one dataset drawn by weight with ``rng(seed, slot, batch number)``.
+
+The cursor of a slot is ``{"batches": n, "samples": [samples consumed per dataset]}``; a restarted
+stream skips that many samples (whole shards by their counts from ``index.parquet``, then within one
+shard) and continues exactly where the stopped run was. Each batch carries its slot and the cursor
+after it, so the training loop only keeps the latest cursor per slot.
+
+DataLoader hands out batches from workers 0, 1, ... in turn, so after ``n`` batches the next one is
+due from worker ``n % workers``: a restarted loader rotates worker ids by that offset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import ConfigError
+from pipeline.model import ModelConfig
+from pipeline.prompts import caption_sample, collate
+from pipeline.shards import CONFIG_FILE, ENCODER_FILE, INDEX_FILE, list_shards, read_shard
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAMPLE_NDIM = {"frames": 4, "features": 3}  # [T,H,W,3] / [T,32,D]; one more = a leading views axis
+
+
+# ---- shard sets ------------------------------------------------------------------------------------
+
+
+def shard_counts(folder: str | Path) -> list[tuple[str, int]]:
+    """``[(shard path, samples)]`` of a shard folder: counts from ``index.parquet``, else by reading."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"data: shard folder {str(folder)!r} does not exist")
+    shards = list_shards(folder)
+    if not shards:
+        raise ConfigError(f"data: {str(folder)!r} holds no shard-*.tar / shard-*.arrow files")
+    if (folder / INDEX_FILE).is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(folder / INDEX_FILE, columns=["status", "shard"]).to_pylist()
+        ok: dict[str, int] = {}
+        for r in rows:
+            if r["status"] == "ok":
+                ok[r["shard"]] = ok.get(r["shard"], 0) + 1
+        return [(str(p), ok.get(p.name, 0)) for p in shards]
+    return [(str(p), sum(1 for _ in read_shard(p))) for p in shards]
+
+
+def first_sample(folder: str | Path) -> dict[str, Any] | None:
+    for path in list_shards(folder):
+        for sample in read_shard(path):
+            return sample
+    return None
+
+
+def check_shards(folder: str | Path, want: str, num_frames: int, mcfg: ModelConfig) -> str:
+    """Refuse shards that do not fit the config; returns the input kind ("frames" or "features")."""
+    folder = Path(folder)
+    written = {}
+    if (folder / CONFIG_FILE).is_file():
+        written = json.loads((folder / CONFIG_FILE).read_text())
+    wcfg = written.get("config", {})
+    sample = first_sample(folder)
+    if sample is None:
+        raise ConfigError(f"data: {str(folder)!r} holds no samples")
+    has_features = sample.get("features") is not None
+    kind = ("features" if has_features else "frames") if want == "auto" else want
+    where = f"shards in {str(folder)!r}"
+    if kind == "features" and not has_features:
+        raise ConfigError(f"data.input=features but the {where} hold frames, not cached features")
+    if kind == "frames" and sample.get("frames") is None:
+        raise ConfigError(f"data.input=frames but the {where} hold only cached features")
+    if kind == "frames":
+        t, h, w, c = sample["frames"].shape[-4:]
+        size = mcfg.image_size
+        if wcfg.get("num_frames", t) != num_frames or t != num_frames:
+            raise ConfigError(f"data.num_frames is {num_frames} but the {where} hold {t} frames per clip")
+        if (h, w) != (size, size) or wcfg.get("size", size) != size:
+            raise ConfigError(
+                f"model.image_size is {size} but the {where} hold {h}x{w} frames "
+                f"(preprocess with --size {size} or change the model)"
+            )
+        if c != 3:
+            raise ConfigError(f"the {where} hold frames with {c} channels, expected 3 (RGB)")
+        return kind
+    t, q, d = sample["features"].shape[-3:]
+    if t != num_frames:
+        raise ConfigError(f"data.num_frames is {num_frames} but the {where} hold features of {t} frames")
+    if (q, d) != (mcfg.num_query_tokens, mcfg.feature_dim):
+        raise ConfigError(
+            f"the {where} hold features [T,{q},{d}] but the model expects "
+            f"[T,{mcfg.num_query_tokens},{mcfg.feature_dim}] (num_query_tokens, feature_dim)"
+        )
+    identity = sample["meta"].get("encoder")  # "<config fingerprint>-<weights hash>" (preprocess.features)
+    if (folder / ENCODER_FILE).is_file():
+        identity = json.loads((folder / ENCODER_FILE).read_text())["encoder"]
+    theirs = identity.split("-")[0] if identity else None
+    if theirs and theirs != mcfg.encoder_fingerprint():
+        raise ConfigError(
+            f"the {where} were cached with another frozen encoder (fingerprint {theirs}, this model "
+            f"{mcfg.encoder_fingerprint()}): rebuild the feature cache or use the same encoder config"
+        )
+    return kind
+
+
+# ---- streams ---------------------------------------------------------------------------------------
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def slot_samples(
+    shards: list[tuple[str, int]], slot: int, num_slots: int, seed: int, skip: int = 0
+) -> Iterator[dict[str, Any] | None]:
+    """Endless samples of one dataset for one slot, after skipping ``skip``; None marks an unreadable one."""
+    if len(shards) < num_slots:
+        raise ConfigError(
+            f"{len(shards)} shards cannot feed {num_slots} streams (ranks x data.workers): "
+            "use fewer data.workers or preprocess with a smaller --samples-per-shard"
+        )
+    if sum(n for _, n in shards) == 0:
+        raise ConfigError("data: the shard set holds no samples")
+    for epoch in itertools.count():
+        for i in epoch_order(len(shards), seed, epoch)[slot::num_slots]:
+            path, count = shards[i]
+            if skip >= count:
+                skip -= count
+                continue
+            yielded = 0
+            try:
+                for sample in itertools.islice(read_shard(path), skip, count):
+                    yielded += 1
+                    yield sample
+            except Exception:  # a corrupt shard: its remaining positions count as errors
+                pass
+            for _ in range(count - skip - yielded):
+                yield None
+            skip = 0
+
+
+def dataset_choice(weights: list[float], seed: int, slot: int, batch: int) -> int:
+    if len(weights) == 1:
+        return 0
+    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    return int(np.random.default_rng([seed, 1, slot, batch]).choice(len(p), p=p))
+
+
+def frames_to_clip(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B,T,H,W,3] -> CLIP-normalised [B,3,T,H,W] (done on the device: 4x less to copy)."""
+    mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1, 1)
+    clip = frames.permute(0, 4, 1, 2, 3).float().div_(255.0)
+    return ((clip - mean) / std).to(dtype)
+
+
+class TrainStream(IterableDataset):
+    """Batches for one rank. ``cursors[w]`` is logical worker w's cursor; ``offset`` rotates worker ids."""
+
+    def __init__(
+        self,
+        datasets: list[tuple[list[tuple[str, int]], float]],
+        *,
+        kind: str,
+        tokenizer,
+        mcfg: ModelConfig,
+        micro_batch: int,
+        max_caption_tokens: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seed: int,
+        cursors: list[dict[str, Any]] | None = None,
+        offset: int = 0,
+    ):
+        self.datasets, self.kind, self.tokenizer, self.mcfg = datasets, kind, tokenizer, mcfg
+        self.micro_batch, self.max_caption_tokens = micro_batch, max_caption_tokens
+        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.seed, self.offset = seed, offset
+        empty = {"batches": 0, "samples": [0] * len(datasets)}
+        self.cursors = cursors or [dict(empty) for _ in range(self.workers)]
+
+    def _good(self, sample: dict[str, Any] | None) -> bool:
+        if sample is None or not sample.get("caption"):
+            return False
+        x = sample.get(self.kind)
+        return x is not None and x.ndim - SAMPLE_NDIM[self.kind] in (0, 1)
+
+    def _view(self, x: np.ndarray, slot: int, batch: int, row: int) -> np.ndarray:
+        """One of K preprocessed views (augmentation), drawn from the seed: the same after a restart."""
+        if x.ndim == SAMPLE_NDIM[self.kind]:
+            return x
+        return x[np.random.default_rng([self.seed, 2, slot, batch, row]).integers(len(x))]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.offset) % self.workers
+        slot, num_slots = self.rank * self.workers + logical, self.world_size * self.workers
+        cursor = self.cursors[logical]
+        n, consumed = cursor["batches"], list(cursor["samples"])
+        streams = [
+            slot_samples(shards, slot, num_slots, self.seed + 7919 * d, skip=consumed[d])
+            for d, (shards, _) in enumerate(self.datasets)
+        ]
+        weights = [w for _, w in self.datasets]
+        pad = self.tokenizer.pad_token_id
+        while True:
+            d = dataset_choice(weights, self.seed, slot, n)
+            good, errors = [], 0
+            while len(good) < self.micro_batch:
+                sample = next(streams[d])
+                consumed[d] += 1
+                if self._good(sample):
+                    good.append(sample)
+                else:
+                    errors += 1
+            text = [
+                caption_sample(
+                    self.tokenizer,
+                    s["caption"],
+                    num_video_tokens=self.mcfg.num_video_query_tokens,
+                    max_caption_tokens=self.max_caption_tokens,
+                )
+                for s in good
+            ]
+            batch = collate(text, pad)
+            views = [self._view(s[self.kind], slot, n, i) for i, s in enumerate(good)]
+            batch[self.kind] = torch.from_numpy(np.stack(views))
+            n += 1
+            batch.update(
+                slot=logical,
+                dataset=d,
+                errors=errors,
+                cursor={"batches": n, "samples": list(consumed)},
+            )
+            yield batch
+
+
+def make_loader(stream: TrainStream, workers: int, prefetch: int) -> DataLoader:
+    """Its own generator: creating the loader must not draw from the global RNG that dropout uses."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(stream.seed),
+    )

@@ -1,0 +1,307 @@
+"""Stage-1 training: the video Q-Former, frame position embedding and projection on frozen encoder + LLM.
+
+CPU (tests, demo)::
+
+    python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny
+    torchrun --nproc_per_node=2 cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS
+
+One node, 8 GPUs::
+
+    torchrun --nproc_per_node=8 cli.py train --config configs/stage1_vit-g_7b.yaml
+    deepspeed --num_gpus 8 cli.py train --config configs/stage1_vit-g_7b.yaml
+
+Several nodes: ``srun`` one task per GPU with MASTER_ADDR/MASTER_PORT exported (pipeline.distributed).
+
+Restarting the same command resumes from the newest complete checkpoint in ``run_dir`` with the same
+losses as a run that never stopped (model, optimizer, data cursors and RNG all restored).
+
+The schedule: linear warm-up from ``warmup_lr`` to ``init_lr`` over ``warmup_steps``, then cosine to
+``min_lr`` at ``max_steps``, set every step. (The original's cosine stepped once per epoch.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint, distributed
+from pipeline.config import ConfigError, save_yaml, to_dict
+from pipeline.model import ModelConfig, VideoLLaMA
+from pipeline.tracking import git_commit, make_tracker
+from train.config import OptimConfig, TrainConfig
+from train.data import TrainStream, check_shards, frames_to_clip, make_loader, shard_counts
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS_FILE = "metrics.jsonl"
+
+# Slurm time limit / preemption (slurm/train.sbatch): the batch script forwards STOP_SIGNAL ahead of the
+# limit; every rank saves a checkpoint at the next step boundary and exits REQUEUE_EXIT_CODE, the script
+# requeues the job and the requeued job resumes from that checkpoint (same run_dir, same MLflow run).
+STOP_SIGNAL = signal.SIGUSR1
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+
+
+class StopRequest:
+    """A flag set by STOP_SIGNAL, read once per step; ranks agree through the step's all-reduce."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(STOP_SIGNAL, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.requested = True
+
+
+def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if step < o.warmup_steps:
+        return o.warmup_lr + (o.init_lr - o.warmup_lr) * step / max(o.warmup_steps, 1)
+    span = max(max_steps - o.warmup_steps, 1)
+    progress = min((step - o.warmup_steps) / span, 1.0)
+    return o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: VideoLLaMA, weight_decay: float) -> list[dict[str, Any]]:
+    """Only trainable parameters; weight decay on matrices/embeddings (ndim >= 2), none on biases/norms."""
+    params = [p for _, p in model.trainable_parameters()]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def ds_config(cfg: TrainConfig, precision: str, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The ZeRO JSON from ds_configs/ with batch sizes, clipping and precision written from ``cfg``."""
+    path = Path(cfg.zero_config)
+    if not path.is_file() and (REPO / path).is_file():
+        path = REPO / path
+    if not path.is_file():
+        raise ConfigError(f"zero_config: {cfg.zero_config!r} does not exist")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.micro_batch * cfg.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    ds["zero_allow_untested_optimizer"] = True  # torch AdamW as client optimizer: no fused-Adam build
+    if not on_gpu:
+        ds.setdefault("zero_optimization", {})["overlap_comm"] = False  # needs CUDA streams
+    return ds
+
+
+def build_tokenizer(cfg: TrainConfig, mcfg: ModelConfig):
+    from pipeline.prompts import load_tokenizer, prepare_tokenizer
+
+    path = cfg.tokenizer or mcfg.llm_path
+    if path:
+        return load_tokenizer(path)
+    if cfg.model_preset != "tiny":
+        raise ConfigError("tokenizer: set tokenizer or model.llm_path (a Hugging Face LLM directory)")
+    from pipeline.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prepare_tokenizer(tok)
+    return tok
+
+
+def build_model(cfg: TrainConfig, mcfg: ModelConfig) -> VideoLLaMA:
+    from pipeline.weights import load_frozen_encoder, load_trainable_weights
+
+    torch.manual_seed(cfg.seed)  # same random init on every rank and every restart
+    model = VideoLLaMA(mcfg)
+    if mcfg.blip2_path or mcfg.eva_vit_path:
+        load_frozen_encoder(model)
+    if cfg.init_from:
+        load_trainable_weights(model, cfg.init_from)
+    return model
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines past the resumed step, so the file reads like one uninterrupted run."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    import deepspeed
+
+    info = distributed.init()
+    rank, world = info.rank, info.world_size
+    run_dir = Path(cfg.run_dir)
+    mcfg = cfg.model_config()
+    specs = cfg.data.specs()
+    kinds = {check_shards(s.shards, cfg.data.input, cfg.data.num_frames, mcfg) for s in specs}
+    if len(kinds) > 1:
+        raise ConfigError("data.datasets: mixes frame shards and feature shards; use one kind for all")
+    kind = kinds.pop()
+    datasets = [(shard_counts(s.shards), s.weight) for s in specs]
+    total = sum(n for shards, _ in datasets for _, n in shards)
+    global_batch = cfg.micro_batch * cfg.grad_accum * world
+    steps_per_epoch = cfg.steps_per_epoch or max(1, total // global_batch)
+    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    precision = (
+        cfg.precision if cfg.precision != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
+    )
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(mcfg, run_dir / "model.yaml")
+    distributed.barrier()
+
+    model = build_model(cfg, mcfg)
+    tokenizer = build_tokenizer(cfg, mcfg)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.warmup_lr, betas=o.betas, eps=o.eps
+    )
+    ds = ds_config(cfg, precision, world, info.device.type == "cuda")
+    if rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    step, samples_seen = 0, 0
+    workers = max(cfg.data.workers, 1)
+    cursors = None
+    resume_from = checkpoint.latest(run_dir)
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from, rank, world)
+        step, samples_seen, cursors = state["step"], state["samples_seen"], state["cursors"]
+        if rank == 0:
+            print(f"[train] resumed from {resume_from} at step {step}", flush=True)
+        if len(cursors) != workers:
+            raise ConfigError(
+                f"data.workers: the checkpoint has {len(cursors)} workers per rank, now {workers}"
+            )
+    else:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # dropout differs across ranks, fixed by the seed
+    if rank == 0:
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+    stream = TrainStream(
+        datasets,
+        kind=kind,
+        tokenizer=tokenizer,
+        mcfg=mcfg,
+        micro_batch=cfg.micro_batch,
+        max_caption_tokens=cfg.data.max_caption_tokens,
+        rank=rank,
+        world_size=world,
+        workers=cfg.data.workers,
+        seed=cfg.data.seed if cfg.data.seed is not None else cfg.seed,
+        cursors=cursors,
+        offset=sum(c["batches"] for c in cursors) % workers if cursors else 0,
+    )
+    cursors = [dict(c) for c in stream.cursors]
+    stop = StopRequest()  # before the loader forks its workers, so they inherit the handler
+    batches = iter(make_loader(stream, cfg.data.workers, cfg.data.prefetch))
+
+    tracker = make_tracker(rank == 0, cfg.tracking, run_dir, cfg.experiment, cfg.tracking_uri, cfg.run_name)
+    if resume_from is None:
+        tracker.log_params({**to_dict(cfg), "resolved": {"model": to_dict(mcfg), "max_steps": max_steps}})
+        tracker.set_tags({"git_commit": git_commit(REPO), "world_size": world, "input": kind})
+        tracker.log_artifact(run_dir / "config.yaml")
+    else:
+        tracker.set_tags({f"resumed_at_step_{step}": resume_from.name})
+
+    def export(out: Path) -> None:
+        from pipeline.weights import export_trainable
+
+        export_trainable({k: v.float() for k, v in model.trainable_state_dict().items()}, mcfg, out)
+
+    def save(at: int) -> Path:
+        state = {"step": at, "samples_seen": samples_seen, "cursors": cursors, "world_size": world}
+        return checkpoint.save(engine, run_dir, at, rank, state, export, cfg.keep_last)
+
+    engine.train()
+    errors_total, last_saved, loss = 0, None, float("nan")
+    while step < max_steps:
+        lr = lr_at(step, o, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step = time.perf_counter()
+        wait = loss_sum = 0.0
+        tokens = samples = errors = 0
+        for _ in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            cursors[batch["slot"]] = batch["cursor"]
+            errors += batch["errors"]
+            inputs = {
+                k: batch[k].to(info.device) for k in ("input_ids", "attention_mask", "video_mask", "labels")
+            }
+            if kind == "frames":
+                inputs["clip"] = frames_to_clip(batch["frames"].to(info.device), dtype)
+            else:
+                inputs["features"] = batch["features"].to(info.device, dtype)
+            out = engine(**inputs)
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.item()
+            tokens += int(inputs["attention_mask"].sum())
+            samples += inputs["input_ids"].shape[0]
+        step += 1
+        grad_norm = engine.get_global_grad_norm()
+        stats = torch.tensor(
+            [loss_sum / cfg.grad_accum, tokens, samples, errors, wait, stop.requested], dtype=torch.float64
+        )
+        distributed.all_reduce_sum(stats)
+        stop_now = stats[5].item() > 0 and step < max_steps
+        dt = time.perf_counter() - t_step
+        loss = stats[0].item() / world
+        samples_seen += int(stats[2])
+        errors_total += int(stats[3])
+        if rank == 0:
+            wait_s = stats[4].item() / world
+            metrics = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_s": stats[2].item() / dt,
+                "tokens_per_s": stats[1].item() / dt,
+                "step_time_s": dt,
+                "data_wait_s": wait_s,
+                "compute_s": dt - wait_s,
+                "data_errors": errors_total,
+                "samples_seen": samples_seen,
+                "epoch": step / steps_per_epoch,
+            }
+            with open(run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if step % cfg.log_every == 0 or step == max_steps:
+                tracker.log_metrics(metrics, step)
+                print(
+                    f"[train] step {step}/{max_steps} loss {loss:.4f} lr {lr:.2e} "
+                    f"{metrics['samples_per_s']:.1f} samples/s data {wait_s:.2f}s",
+                    flush=True,
+                )
+        if step % cfg.save_every == 0 or step == max_steps or stop_now:
+            last_saved = save(step)
+        if stop_now:
+            if rank == 0:
+                print(
+                    f"[train] stop signal: saved step {step}, exit {REQUEUE_EXIT_CODE} to requeue", flush=True
+                )
+            tracker.close("KILLED")
+            distributed.cleanup()
+            raise SystemExit(REQUEUE_EXIT_CODE)
+
+    if rank == 0 and last_saved is not None:
+        final = run_dir / checkpoint.EXPORT
+        shutil.copytree(last_saved / checkpoint.EXPORT, final, dirs_exist_ok=True)
+        tracker.log_artifact(final, "export")
+    tracker.close()
+    distributed.cleanup()
+    return {"steps": step, "max_steps": max_steps, "loss": loss, "samples_seen": samples_seen, "input": kind}
