@@ -356,4 +356,8 @@ def test_convert_cli(released_7b, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 1 and "Error:" in r.stderr and "llama_proj" in r.stderr
+    assert (
+        r.returncode == 1
+        and "Error: cannot infer the model config" in r.stderr
+        and "video_query_tokens" in r.stderr
+    )
