@@ -69,3 +69,21 @@ def test_cached_features_train_path_matches_frames_path(corpus, tmp_path):
 def test_size_must_match_encoder(corpus, tmp_path):
     with pytest.raises(ConfigError, match="takes 56x56 frames"):
         cache_cfg(corpus, tmp_path / "o", size=32)
+
+
+def test_trainer_consumes_the_real_feature_cache(ray_local, tmp_path):
+    """Shards from ``--cache-features`` train like the frame shards of the same clips (fp16 cache)."""
+    from tests.conftest import build_corpus
+    from tests.test_train import losses, run_train
+
+    corpus = build_corpus(tmp_path / "c", good=8, bad=False)
+    common = {"size": 56, "samples_per_shard": 2}
+    inputs = {"annotations": corpus["annotations"], "videos": corpus["videos"]}
+    frames = load_config(PreprocessConfig, values={**inputs, "output": str(tmp_path / "frames"), **common})
+    cached = cache_cfg(corpus, tmp_path / "cached", **common)
+    assert run(frames)["ok"] == run(cached)["ok"] == 8
+    args = ["max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0"]
+    run_train(1, f"data.shards={tmp_path / 'cached'}", f"run_dir={tmp_path / 'rc'}", *args)
+    run_train(1, f"data.shards={tmp_path / 'frames'}", f"run_dir={tmp_path / 'rf'}", *args)
+    c, f = losses(tmp_path / "rc"), losses(tmp_path / "rf")
+    assert sorted(c) == [1, 2, 3] and all(abs(c[s] - f[s]) < 5e-3 for s in c), (c, f)
