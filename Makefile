@@ -22,10 +22,16 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The main job on the embedded default: 12 synthetic WebVid clips (+3 faulty rows) -> Ray Data
+# preprocessing with the tiny frozen encoder's feature cache -> DeepSpeed stage-1 training (tiny preset,
+# CPU, MLflow in the run dir).
 demo: setup
-	$(BIN)/python cli.py make-sample --output $(DEMO)/webvid --clips 12
+	rm -rf $(DEMO)/shards $(DEMO)/run
+	$(BIN)/python cli.py make-sample --output $(DEMO)/webvid --clips 12 --faults
 	$(BIN)/python cli.py preprocess --annotations $(DEMO)/webvid/annotations --videos $(DEMO)/webvid/videos \
-		--output $(DEMO)/shards --samples-per-shard 4
+		--output $(DEMO)/shards --samples-per-shard 2 --size 56 --cache-features --encoder tiny
+	$(BIN)/python cli.py train --config configs/stage1_tiny.yaml data.shards=$(DEMO)/shards \
+		run_dir=$(DEMO)/run max_steps=30 save_every=10
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -40,6 +46,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/preprocess_bench.py
+	$(BIN)/python benchmarks/feature_cache_bench.py
+	$(BIN)/python benchmarks/train_bench.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

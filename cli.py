@@ -36,8 +36,9 @@ def main() -> None:
 @click.option("--min-seconds", default=5.0, show_default=True)
 @click.option("--max-seconds", default=20.0, show_default=True)
 @click.option("--tars", is_flag=True, help="write WebDataset tars of videos instead of CSV + folders")
+@click.option("--faults", is_flag=True, help="add a missing, an empty and a truncated video row")
 def make_sample(
-    output: str, clips: int, seed: int, min_seconds: float, max_seconds: float, tars: bool
+    output: str, clips: int, seed: int, min_seconds: float, max_seconds: float, tars: bool, faults: bool
 ) -> None:
     """Write a small synthetic WebVid-layout corpus (596x336 H.264 clips with captions)."""
     from pipeline.sample_data import make_webvid_sample, make_webvid_tars
@@ -45,7 +46,9 @@ def make_sample(
     if tars:
         click.echo(make_webvid_tars(output, clips, seed=seed, seconds=(min_seconds, max_seconds)))
     else:
-        paths = make_webvid_sample(output, clips, seed=seed, seconds=(min_seconds, max_seconds))
+        paths = make_webvid_sample(
+            output, clips, seed=seed, seconds=(min_seconds, max_seconds), faults=faults
+        )
         click.echo(f"annotations: {paths['annotations']}\nvideos: {paths['videos']}")
 
 

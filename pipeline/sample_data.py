@@ -154,8 +154,12 @@ def make_webvid_sample(
     width: int = 596,
     height: int = 336,
     fps: int = 25,
+    faults: bool = False,
 ) -> dict[str, str]:
-    """Write ``root/annotations/0.csv`` (WebVid columns) and ``root/videos/<page_dir>/<videoid>.mp4``."""
+    """Write ``root/annotations/0.csv`` (WebVid columns) and ``root/videos/<page_dir>/<videoid>.mp4``.
+
+    ``faults`` adds three rows WebVid copies are known for: a missing file, an empty file and a
+    truncated download (the preprocessing job reports each as a failed row)."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     plan = plan_clips(clips, seed, seconds)
@@ -176,6 +180,13 @@ def make_webvid_sample(
                     c.caption,
                 ]
             )
+        if faults and plan:
+            page = root / "videos" / plan[0].page_dir
+            good = (page / f"{plan[0].videoid}.mp4").read_bytes()
+            (page / "9000000002.mp4").write_bytes(b"")
+            (page / "9000000003.mp4").write_bytes(good[: len(good) // 3])
+            for vid in ("9000000001", "9000000002", "9000000003"):
+                w.writerow([vid, "", "", plan[0].page_dir, f"faulty row {vid}"])
     return {"annotations": str(root / "annotations"), "videos": str(root / "videos")}
 
 
