@@ -5,10 +5,15 @@ python cli.py preprocess --annotations A --videos V --output OUT [--format arrow
 python cli.py preprocess --config configs/preprocess.yaml output=OUT
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
+python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
+printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
+python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
+python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -140,6 +145,182 @@ def train(config_path, overrides) -> None:
     except ConfigError as e:
         _fail(e)
     click.echo(f"[train] done: {summary}")
+
+
+# ---- inference and evaluation (infer/) ---------------------------------------------------------------
+
+
+def _model_options(f):
+    """CHECKPOINT's frozen parts and tokenizer: override what its model.yaml says."""
+    for opt in reversed(
+        [
+            click.option("--llm", "llm_path", help="LLM directory (Hugging Face) [model.yaml's llm_path]"),
+            click.option("--blip2", "blip2_path", help="BLIP-2 directory (frozen ViT + Q-Former)"),
+            click.option("--eva-vit", "eva_vit_path", help="or the LAVIS eva_vit_g.pth ..."),
+            click.option("--qformer-lavis", "qformer_lavis_path", help="... with blip2_pretrained_*.pth"),
+            click.option("--tokenizer", help="tokenizer directory [the run's, else --llm]"),
+            click.option("--preset", help="ModelConfig preset for a .pth checkpoint [inferred from shapes]"),
+            click.option("--seed", type=int, help="seed that rebuilds a random LLM [the run's seed]"),
+            click.option("--device", help="cpu, cuda, cuda:1 [auto]"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _generation_options(f):
+    for opt in reversed(
+        [
+            click.option("--greedy", is_flag=True, default=None, help="greedy decoding (deterministic)"),
+            click.option("--prompt", help="ask this in the stage-2 template instead of the stage-1 prompt"),
+            click.option("--template", type=click.Choice(["caption", "vicuna", "llama2"]), help="prompt"),
+            click.option("--max-new-tokens", type=int, help="[300]"),
+            click.option("--top-p", type=float, help="[0.9]"),
+            click.option("--temperature", type=float, help="[1.0]"),
+            click.option("--num-beams", type=int, help="[1]"),
+            click.option("--sample-seed", type=int, help="seed for sampling"),
+            click.option("--batch-size", type=int, help="clips per generate call [8]"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+_MODEL_FLAGS = ("llm_path", "blip2_path", "eva_vit_path", "qformer_lavis_path", "tokenizer", "preset", "seed")
+_GEN_FLAGS = {
+    "prompt": "prompt",
+    "template": "template",
+    "max_new_tokens": "max_new_tokens",
+    "top_p": "top_p",
+    "temperature": "temperature",
+    "num_beams": "num_beams",
+    "sample_seed": "seed",
+    "batch_size": "batch_size",
+}
+
+
+def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | None = None):
+    values = {"model.checkpoint": checkpoint, **(extra or {})}
+    for k in _MODEL_FLAGS:
+        if (v := flags.pop(k, None)) is not None:
+            values[f"model.{k}"] = v
+    if (v := flags.pop("device", None)) is not None:
+        values["model.device"] = v
+    if flags.pop("greedy", None):
+        values["generation.do_sample"] = False
+    for flag, key in _GEN_FLAGS.items():
+        if (v := flags.pop(flag, None)) is not None:
+            values[f"generation.{key}"] = v
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(cls, None, list(overrides), values=values)
+
+
+def _infer_errors():
+    from infer.caption import VideoError
+    from infer.load import CheckpointError
+    from pipeline.weights import WeightsError
+
+    return (ConfigError, CheckpointError, WeightsError, VideoError)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("videos", nargs=-1, required=True)
+@_model_options
+@_generation_options
+@click.option("--num-frames", type=int, help="frames sampled per video, uniformly [8]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines {video, caption}")
+def caption(checkpoint, videos, as_json, **flags) -> None:
+    """Caption VIDEOS with CHECKPOINT: one line per video, in order.
+
+    CHECKPOINT is a training run directory (its newest export), a trainable export directory or a
+    released Video-LLaMA .pth. Extra args of the form key=value override config keys, e.g.
+    generation.stop='[]' model.config.llm_dtype=float32.
+    """
+    from infer.caption import CaptionConfig, run
+
+    overrides = [v for v in videos if "=" in v and not os.path.exists(v)]
+    paths = [v for v in videos if v not in overrides]
+    try:
+        cfg = _infer_config(CaptionConfig, checkpoint, flags, overrides, {"videos": paths})
+        results = run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+    for r in results:
+        click.echo(json.dumps(r) if as_json else r["caption"].replace("\n", " "))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("video")
+@_model_options
+@_generation_options
+@click.option("--num-frames", type=int, help="frames sampled, uniformly [8]")
+@click.argument("overrides", nargs=-1)
+def chat(checkpoint, video, overrides, **flags) -> None:
+    """Questions about VIDEO from stdin, one per line; an empty line or end of input stops.
+
+    Uses the stage-2 template (--template vicuna|llama2, default vicuna) with the frame timestamps.
+    """
+    from infer.chat import ChatConfig, run
+
+    if flags.get("template") is None:
+        flags["template"] = "vicuna"
+    try:
+        cfg = _infer_config(ChatConfig, checkpoint, flags, overrides, {"video": video})
+        run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+
+
+@main.command("caption-shards")
+@click.argument("checkpoint")
+@click.argument("shards")
+@click.option("--output", required=True, help="JSONL file {key, videoid, caption, shard}; reruns resume")
+@_model_options
+@_generation_options
+@click.option("--input", "input_kind", type=click.Choice(["auto", "frames", "features"]), help="[auto]")
+@click.option("--concurrency", type=int, help="captioning actors, one model (and GPU) each [1]")
+@click.option("--num-gpus", type=float, help="GPUs per actor [1 when the cluster has GPUs]")
+@click.option("--workers", type=int, help="CPUs of the local Ray instance [all cores]")
+@click.option("--ray-address", help="join an existing Ray cluster (e.g. 'auto')")
+@click.argument("overrides", nargs=-1)
+def caption_shards(checkpoint, shards, overrides, input_kind, **flags) -> None:
+    """Caption every clip of a preprocessed shard set with a Ray actor pool (frames or cached features)."""
+    from infer.batch import BatchCaptionConfig, format_summary, run
+
+    extra = {"shards": shards, "input": input_kind}
+    try:
+        cfg = _infer_config(
+            BatchCaptionConfig, checkpoint, flags, overrides, {k: v for k, v in extra.items() if v}
+        )
+        summary = run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+    click.echo(format_summary(summary))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("shards")
+@_model_options
+@_generation_options
+@click.option("--metrics", is_flag=True, default=None, help="also generate captions: BLEU, chrF, CIDEr")
+@click.option("--max-samples", type=int, help="only the first N clips")
+@click.option("--predictions", help="write {key, reference, prediction} JSONL here (with --metrics)")
+@click.option("--track", help="training run directory: log eval/* into its MLflow run")
+@click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI, else the run's sqlite]")
+@click.argument("overrides", nargs=-1)
+def evaluate(checkpoint, shards, overrides, **flags) -> None:
+    """Held-out caption loss / perplexity of CHECKPOINT on SHARDS (greedy captions for --metrics)."""
+    from infer.evaluate import EvaluateConfig, run
+
+    try:
+        cfg = _infer_config(EvaluateConfig, checkpoint, flags, overrides, {"shards": shards})
+        result = run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+    click.echo(json.dumps(result))
 
 
 if __name__ == "__main__":

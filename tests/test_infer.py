@@ -1,0 +1,266 @@
+"""Inference and evaluation on CPU: a tiny model trained for a few steps on shards made by the real
+preprocessing job, then captioned (video files and shards), chatted with, evaluated; error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from infer.batch import BatchCaptionConfig
+from infer.batch import run as caption_shards
+from infer.caption import read_video
+from infer.evaluate import EVAL_FILE, EvaluateConfig, caption_metrics
+from infer.evaluate import run as evaluate
+from infer.generate import GenerationConfig, caption_prompt, conversation_prompt, cut_at_stop, generate
+from infer.load import CheckpointError, ModelSource, locate
+from pipeline.model import VideoLLaMA, tiny
+from pipeline.prompts import prepare_tokenizer
+from pipeline.shards import list_shards, read_shard
+from pipeline.tiny import tiny_tokenizer, write_tiny_llm
+from tests.conftest import BAD_ROWS, build_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "stage1_tiny.yaml"
+STEPS = 30
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(ray_local, tmp_path_factory):
+    """6 good clips + one row of every failure class -> webdataset shards of 56 px frames."""
+    from preprocess.config import PreprocessConfig
+    from preprocess.job import run
+
+    root = tmp_path_factory.mktemp("infer_data")
+    corpus = build_corpus(root / "corpus", good=6, bad=True)
+    cfg = PreprocessConfig(
+        annotations=corpus["annotations"],
+        videos=corpus["videos"],
+        output=str(root / "shards"),
+        size=tiny().image_size,
+        samples_per_shard=4,
+        workers=2,
+    )
+    assert run(cfg)["ok"] == 6
+    return {"videos": Path(corpus["videos"]) / "000001_000050", "shards": root / "shards"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    """A tiny stage-1 run with validation on the same shards every 10 steps (train.loop's eval hook)."""
+    out = tmp_path_factory.mktemp("infer_run") / "run"
+    args = [f"data.shards={data['shards']}", f"run_dir={out}", f"max_steps={STEPS}", "save_every=10"]
+    args += ["optim.init_lr=5e-3", "data.workers=1", f"eval.shards={data['shards']}", "eval.every=10"]
+    cmd = [sys.executable, str(REPO / "cli.py"), "train", "--config", str(TINY), *args]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out
+
+
+def _cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli.main, list(args), input=input)
+
+
+def _key_of(shards: Path, videoid: str) -> tuple[str, np.ndarray]:
+    for path in list_shards(shards):
+        for s in read_shard(path):
+            if s["meta"]["videoid"] == videoid:
+                return s["key"], s["frames"]
+    raise KeyError(videoid)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- prompts and generation, no checkpoint -----------------------------------------------------
+
+
+def test_prompts_end_where_the_answer_starts():
+    tok = tiny_tokenizer()
+    prepare_tokenizer(tok)
+    image = tok.convert_tokens_to_ids("<ImageHere>")
+    p = caption_prompt(tok, 32)
+    assert p.input_ids == [tok.bos_token_id] + [image] * 32 and p.video_positions == list(range(1, 33))
+    v = conversation_prompt(tok, [("q1", "a1")], "q2", "vicuna", "The video contains 8 frames. ", 32)
+    text = tok.decode(v.input_ids)
+    assert text.endswith("###Human: q2\n###Assistant:") and "</Video> The video contains 8 frames. q1" in text
+    assert "###Assistant: a1\n" in text and len(v.video_positions) == 32
+    ll = tok.decode(conversation_prompt(tok, [], "q", "llama2", "", 32).input_ids)
+    assert ll.endswith("q [/INST]") and "<<SYS>>" in ll
+    assert cut_at_stop(" a red box\n###Human: x", ["###", "\n"]) == "a red box"
+
+
+def test_left_padded_batch_generates_what_each_row_does_alone():
+    torch.manual_seed(0)
+    model = VideoLLaMA(tiny()).eval()
+    tok = tiny_tokenizer()
+    prepare_tokenizer(tok)
+    feats = torch.randn(2, 8, 32, 64)
+    prompts = [caption_prompt(tok), conversation_prompt(tok, [], "what is it?", "vicuna", "", 32)]
+    gen = GenerationConfig(do_sample=False, max_new_tokens=12, stop=[])
+    both = generate(model, tok, feats, prompts, gen)
+    alone = [generate(model, tok, feats[i : i + 1], prompts[i : i + 1], gen)[0] for i in range(2)]
+    assert both == alone and all(both)
+    sampled = GenerationConfig(max_new_tokens=12, stop=[], seed=3)  # the original's sampling defaults
+    assert generate(model, tok, feats, prompts, sampled) == generate(model, tok, feats, prompts, sampled)
+
+
+def test_metrics_are_the_libraries_numbers():
+    import sacrebleu
+    from pycocoevalcap.cider.cider import Cider
+
+    hyp = ["a man is riding a horse on the beach", "two dogs play with a ball", "a red box moves"]
+    ref = [
+        "a man rides a horse on the beach at sunset",
+        "two dogs play with a red ball in the park",
+        "a red box moves to the left",
+    ]
+    got = caption_metrics(hyp, ref)
+    assert got["bleu"] == sacrebleu.corpus_bleu(hyp, [ref]).score == pytest.approx(44.2443145491119)
+    assert got["chrf"] == sacrebleu.corpus_chrf(hyp, [ref]).score == pytest.approx(55.5287742834193)
+    cider = Cider().compute_score({i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)})[0]
+    assert got["cider"] == cider == pytest.approx(5.03235836848398)
+    assert caption_metrics(ref, ref)["bleu"] == pytest.approx(100.0)
+
+
+# ---- from a trained checkpoint -----------------------------------------------------------------
+
+
+def test_checkpoint_argument_resolves_to_the_newest_export(run_dir, tmp_path):
+    export, found_run = locate(run_dir)
+    assert found_run == run_dir and export in (run_dir / "export", *run_dir.glob("checkpoints/*/export"))
+    step_export = sorted(run_dir.glob("checkpoints/step_*/export"))[-1]
+    assert locate(step_export) == (step_export, run_dir)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        locate(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="neither a training run directory"):
+        locate(tmp_path)
+
+
+def test_greedy_caption_is_deterministic_and_equals_batch_captioning(data, run_dir, tmp_path):
+    video = data["videos"] / "10002.mp4"
+    args = ["caption", str(run_dir), str(video), "--greedy", "--max-new-tokens", "12"]
+    first, second = _cli(*args), _cli(*args)
+    assert first.exit_code == 0, first.output
+    caption = first.stdout.strip()
+    assert caption and second.stdout.strip() == caption and len(first.stdout.splitlines()) == 1
+
+    # the same frames as the preprocessing job stored, so the same caption from the shards
+    key, frames = _key_of(data["shards"], "10002")
+    assert np.array_equal(read_video(video, 8, tiny().image_size)["frames"], frames)
+    out = tmp_path / "captions.jsonl"
+    cfg = BatchCaptionConfig(
+        model=ModelSource(checkpoint=str(run_dir)),
+        generation=GenerationConfig(do_sample=False, max_new_tokens=12),
+        shards=str(data["shards"]),
+        output=str(out),
+    )
+    caption_shards(cfg)
+    assert {r["key"]: r["caption"] for r in _lines(out)}[key] == caption
+
+    # a released-format .pth of the same weights captions the same (preset + the run's seed given)
+    pth = tmp_path / "videollama.pth"
+    assert _cli("convert", str(run_dir / "export"), str(pth)).exit_code == 0
+    from_pth = _cli("caption", str(pth), str(video), "--greedy", "--max-new-tokens", "12", "--preset", "tiny")
+    assert from_pth.exit_code == 0, from_pth.output
+    assert from_pth.stdout.strip() == caption
+
+
+def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    cfg = BatchCaptionConfig(
+        model=ModelSource(checkpoint=str(run_dir)),
+        generation=GenerationConfig(do_sample=False, max_new_tokens=8, batch_size=3),
+        shards=str(data["shards"]),
+        output=str(out),
+    )
+    full = caption_shards(cfg)
+    rows = _lines(out)
+    ok_keys = {s["key"] for p in list_shards(data["shards"]) for s in read_shard(p)}
+    assert len(ok_keys) == 6 and sorted(r["key"] for r in rows) == sorted(ok_keys)
+    assert all(set(r) == {"key", "videoid", "caption", "shard"} for r in rows)
+    assert (full["new"], full["failed"], full["preprocess_failed"]) == (6, 0, len(BAD_ROWS))
+    assert sum(full["preprocess_reasons"].values()) == len(BAD_ROWS)
+
+    # a run killed after two lines, in the middle of the third
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:2]) + text[2][:15])
+    again = caption_shards(cfg)
+    rerun = _lines(out)
+    assert (again["resumed"], again["new"]) == (2, 4) and rerun[:2] == rows[:2]
+    assert sorted(r["key"] for r in rerun) == sorted(ok_keys)  # each key exactly once
+    assert {r["key"]: r["caption"] for r in rerun} == {r["key"]: r["caption"] for r in rows}
+    done = caption_shards(cfg)
+    assert (done["new"], len(_lines(out))) == (0, 6)
+
+
+def test_evaluate_matches_training_validation_and_logs_to_mlflow(data, run_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    in_training = _lines(run_dir / EVAL_FILE)
+    assert [r["step"] for r in in_training] == [10, 20, 30]
+    cfg = EvaluateConfig(
+        model=ModelSource(checkpoint=str(run_dir)),
+        generation=GenerationConfig(do_sample=False, max_new_tokens=8),
+        shards=str(data["shards"]),
+        metrics=True,
+        predictions=str(tmp_path / "preds.jsonl"),
+        track=str(run_dir),
+    )
+    got = evaluate(cfg)
+    assert got["step"] == STEPS and got["samples"] == 6
+    assert got["loss"] == pytest.approx(in_training[-1]["loss"], abs=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))
+    preds = _lines(tmp_path / "preds.jsonl")
+    expect = caption_metrics([p["prediction"] for p in preds], [p["reference"] for p in preds])
+    assert {k: got[k] for k in expect} == pytest.approx(expect)
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    history = client.get_metric_history(got["mlflow_run_id"], "eval/loss")
+    assert [m.step for m in history] == [10, 20, 30, 30] and history[-1].value == pytest.approx(got["loss"])
+    assert client.get_run(got["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_chat_answers_every_piped_question(data, run_dir):
+    questions = "What is in the video?\nWhat colour is it?\n\nnot asked\n"
+    cmd = [sys.executable, str(REPO / "cli.py"), "chat", str(run_dir), str(data["videos"] / "10001.mp4")]
+    cmd += ["--greedy", "--max-new-tokens", "8"]
+    p = subprocess.run(
+        cmd, cwd=REPO, env=_env(), input=questions, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    answers = [ln for ln in p.stdout.splitlines() if ln.startswith("ASSISTANT:")]
+    assert len(answers) == 2, p.stdout
+
+
+def test_errors_name_the_problem(data, run_dir, tmp_path):
+    video = str(data["videos"] / "10002.mp4")
+    r = _cli("caption", str(tmp_path / "missing"), video)
+    assert r.exit_code == 1 and "Error: checkpoint" in r.output and "does not exist" in r.output
+    r = _cli("caption", str(run_dir), str(data["videos"] / "notvideo.mp4"))
+    assert r.exit_code == 1 and "Error: video" in r.output and "notvideo.mp4" in r.output
+    assert "cannot be decoded" in r.output
+    r = _cli("caption", str(run_dir), str(tmp_path / "absent.mp4"))
+    assert r.exit_code == 1 and "absent.mp4' does not exist" in r.output
+    llm = write_tiny_llm(tmp_path / "llm32", hidden_size=32)
+    r = _cli("caption", str(run_dir), video, "--llm", str(llm))
+    assert r.exit_code == 1 and "hidden size 32" in r.output and "projects video tokens to 64" in r.output
+    r = _cli("evaluate", str(run_dir), str(tmp_path / "noshards"))
+    assert r.exit_code == 1 and "noshards" in r.output and "Traceback" not in r.output
+    r = _cli("caption", str(run_dir), video, "generation.top_p=2")
+    assert r.exit_code == 1 and "top_p" in r.output
