@@ -15,7 +15,7 @@ def config_class(path: Path):
     from preprocess.config import PreprocessConfig
     from train.config import TrainConfig
 
-    for prefix, cls in (("stage1", TrainConfig), ("preprocess", PreprocessConfig)):
+    for prefix, cls in (("stage1", TrainConfig), ("stage2", TrainConfig), ("preprocess", PreprocessConfig)):
         if path.name.startswith(prefix):
             return cls
     pytest.fail(f"{path.name}: no typed config for this file name; add its prefix to tests/test_configs.py")
@@ -54,3 +54,25 @@ def test_real_size_stage1_mirrors_the_original_recipe():
     assert lr_at(12500, o, 12500) == pytest.approx(8e-5)
     m = cfg.model_config()
     assert (m.vision_layers, m.llm_hidden_size, m.feature_dim) == (39, 4096, 768)
+
+
+def test_real_size_stage2_mirrors_the_original_recipe():
+    from train.config import TrainConfig
+    from train.loop import lr_at
+
+    cfg = load_config(TrainConfig, [p for p in CONFIGS if p.name == "stage2_vit-g_7b.yaml"][0])
+    o, d = cfg.optim, cfg.data
+    assert (cfg.micro_batch, cfg.epochs, cfg.steps_per_epoch) == (4, 3, 1000)
+    assert (d.task, d.template, d.max_caption_tokens, d.max_len) == ("conversation", "vicuna", 320, 512)
+    assert (o.warmup_lr, o.init_lr, o.min_lr, o.warmup_steps, o.weight_decay) == (
+        1e-6,
+        3e-5,
+        1e-5,
+        1000,
+        0.05,
+    )
+    assert lr_at(0, o, 3000) == 1e-6 and lr_at(1000, o, 3000) == pytest.approx(3e-5)
+    assert lr_at(3000, o, 3000) == pytest.approx(1e-5)
+    # the original mixes its three instruction sets uniformly; images are 1-frame clips
+    assert [(s.weight, s.num_frames) for s in d.specs()] == [(1, 1), (1, 1), (1, 8)]
+    assert cfg.init_from and cfg.model_config().llm_path == "models/vicuna-7b"

@@ -1,4 +1,9 @@
-"""The training stage's typed config (YAML + ``key=value`` overrides; see configs/stage1_*.yaml)."""
+"""The training stage's typed config (YAML + ``key=value`` overrides; see configs/stage{1,2}_*.yaml).
+
+One config serves both stages: stage 1 is ``data.task=caption`` on caption shards, stage 2 is
+``data.task=conversation`` (with ``data.template``) on instruction shards, started from a stage-1
+export with ``init_from``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pipeline.model import PRESETS, ModelConfig, preset
 class DatasetSpec:
     shards: str
     weight: float = 1.0
+    num_frames: int | None = None  # frames per clip in these shards (images: 1); default data.num_frames
 
 
 @dataclass
@@ -22,14 +28,21 @@ class DataConfig:
     shards: str | None = None
     datasets: list[DatasetSpec] = field(default_factory=list)
     input: Literal["auto", "frames", "features"] = "auto"  # auto: cached features when the shards hold them
-    num_frames: int = 8  # the shards must hold exactly this many frames per clip
-    max_caption_tokens: int = 32
+    num_frames: int = 8  # the shards must hold exactly this many frames per clip (per dataset: its own key)
+    # caption: stage 1, ``[BOS] <video> caption``; conversation: stage 2, the chat template with only the
+    # answers supervised (caption-only samples, e.g. cc_sbu_align, get a seeded instruction as question)
+    task: Literal["caption", "conversation"] = "caption"
+    template: Literal["vicuna", "llama2"] | None = None  # conversation prompt style: must match the LLM
+    max_caption_tokens: int = 32  # a caption (also a caption used as answer) is cut to this many tokens
+    max_len: int = 512  # conversation tokens incl. BOS and video block; too long: truncated, or skipped
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
     prefetch: int = 2
     seed: int | None = None  # shard order; default: the run seed
 
     def specs(self) -> list[DatasetSpec]:
-        return [DatasetSpec(self.shards)] if self.shards else list(self.datasets)
+        """The datasets to mix, each with its frame count resolved."""
+        specs = [DatasetSpec(self.shards)] if self.shards else list(self.datasets)
+        return [dataclasses.replace(s, num_frames=s.num_frames or self.num_frames) for s in specs]
 
 
 @dataclass
@@ -44,6 +57,19 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training (infer.evaluate): held-out caption loss/perplexity every ``every`` steps."""
+
+    shards: str | None = None  # a held-out shard set; None: no validation
+    every: int = 500  # optimizer steps (and at the last step)
+    max_samples: int | None = None  # the first N clips of the shard set
+    batch_size: int = 8
+    max_caption_tokens: int = 32
+    metrics: bool = False  # also greedy captions scored with BLEU / chrF / CIDEr (slower)
+    max_new_tokens: int = 48
 
 
 @dataclass
@@ -70,8 +96,11 @@ class TrainConfig:
     experiment: str = "videollama-stage1"
     run_name: str | None = None
     tracking: bool = True
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation split (infer.evaluate)
 
     def validate(self) -> None:
+        if self.eval.every < 1 or self.eval.batch_size < 1:
+            raise ConfigError("eval.every and eval.batch_size must be >= 1")
         if self.model_preset not in PRESETS:
             raise ConfigError(f"model_preset: {self.model_preset!r} is not one of {', '.join(PRESETS)}")
         self.model_config()  # rejects unknown model keys early
@@ -88,8 +117,22 @@ class TrainConfig:
             raise ConfigError("max_steps: must be >= 1")
         if self.save_every < 1 or self.keep_last < 1:
             raise ConfigError("save_every and keep_last must be >= 1")
-        if not 1 <= self.data.num_frames <= self.model_config().max_frames:
+        max_frames = self.model_config().max_frames
+        if not 1 <= self.data.num_frames <= max_frames:
             raise ConfigError(f"data.num_frames: {self.data.num_frames} is outside 1..model.max_frames")
+        for i, s in enumerate(self.data.datasets):
+            if s.num_frames is not None and not 1 <= s.num_frames <= max_frames:
+                raise ConfigError(
+                    f"data.datasets[{i}].num_frames: {s.num_frames} is outside 1..model.max_frames"
+                )
+        d = self.data
+        if d.task == "conversation" and d.template is None:
+            raise ConfigError(
+                "data.template: conversation training needs the LLM's prompt style: 'vicuna' "
+                "(Vicuna / LLaMA) or 'llama2' (LLaMA-2-chat)"
+            )
+        if d.max_caption_tokens < 1 or d.max_len < self.model_config().num_video_query_tokens + 2:
+            raise ConfigError("data.max_caption_tokens must be >= 1 and data.max_len > the video block")
         o = self.optim
         if not (o.init_lr > 0 and o.min_lr >= 0 and o.warmup_lr >= 0 and o.warmup_steps >= 0):
             raise ConfigError("optim: learning rates must be >= 0 (init_lr > 0) and warmup_steps >= 0")

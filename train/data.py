@@ -5,7 +5,22 @@ Exact resume needs a cursor that is plain data, so the order is fixed by the see
 1. every epoch shuffles each dataset's shard list with ``rng(seed, epoch)``;
 2. rank r, DataLoader worker w reads shards ``order[slot::num_slots]`` (slot = r * workers + w), samples
    in file order, epoch after epoch (an endless stream; the run length is counted in steps);
-3. each batch comes from one dataset drawn by weight with ``rng(seed, slot, batch number)``.
+3. each batch comes from one dataset drawn by weight with ``rng(seed, slot, batch number)``; datasets may
+   differ in frames per clip (images are 1-frame clips), a batch never mixes them.
+
+Samples that cannot be used are skipped in the slot's own sample stream, before batching, and counted:
+``errors`` (unreadable or incomplete samples) and ``too_long`` (conversations whose prompt cannot fit
+``data.max_len`` without cutting the video block or every answer). Every batch still has ``micro_batch``
+samples, so ranks never disagree about batches, and the cursor counts skipped samples too.
+
+Text, by ``data.task`` (pipeline.prompts builds ids and labels):
+
+* ``caption``: stage 1, ``[BOS] <ImageHere>*32 caption``;
+* ``conversation``: stage 2 in ``data.template`` style. Samples with ``meta["conversations"]`` (LLaVA,
+  VideoChat) use those turns; caption-only samples (cc_sbu_align) become one turn: an instruction drawn
+  with ``rng(seed, slot, batch, row)`` from ``CAPTION_INSTRUCTIONS`` and the raw caption as answer, as
+  MiniGPT-4 / Video-LLaMA trained them. 1-frame samples are images (``<Image>`` block); videos get the
+  ``<Video>`` block and the frame-timestamp message from ``meta["timestamps"]``.
 
 The cursor of a slot is ``{"batches": n, "samples": [samples consumed per dataset]}``; a restarted
 stream skips that many samples (whole shards by their counts from ``index.parquet``, then within one
@@ -30,12 +45,28 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
 from pipeline.model import ModelConfig
-from pipeline.prompts import caption_sample, collate
+from pipeline.prompts import TextSample, caption_sample, collate, conversation_sample, frame_times_message
 from pipeline.shards import CONFIG_FILE, ENCODER_FILE, INDEX_FILE, list_shards, read_shard
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAMPLE_NDIM = {"frames": 4, "features": 3}  # [T,H,W,3] / [T,32,D]; one more = a leading views axis
+# Questions for caption-only samples in conversation training (the wording of the original's
+# prompts/alignment_image.txt, which MiniGPT-4 also used for cc_sbu_align; videos: the same, of a video).
+CAPTION_INSTRUCTIONS = {
+    "image": (
+        "Describe this image in detail.",
+        "Take a look at this image and describe what you notice.",
+        "Please provide a detailed description of the picture.",
+        "Could you describe the contents of this image for me?",
+    ),
+    "video": (
+        "Describe this video in detail.",
+        "Take a look at this video and describe what you notice.",
+        "Please provide a detailed description of the video.",
+        "Could you describe the contents of this video for me?",
+    ),
+}
 
 
 # ---- shard sets ------------------------------------------------------------------------------------
@@ -68,8 +99,17 @@ def first_sample(folder: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def check_shards(folder: str | Path, want: str, num_frames: int, mcfg: ModelConfig) -> str:
-    """Refuse shards that do not fit the config; returns the input kind ("frames" or "features")."""
+def _hint(t: int) -> str:
+    return " (images are 1-frame clips: give that data.datasets entry num_frames: 1)" if t == 1 else ""
+
+
+def check_shards(
+    folder: str | Path, want: str, num_frames: int, mcfg: ModelConfig, key: str = "data.num_frames"
+) -> str:
+    """Refuse shards that do not fit the config; returns the input kind ("frames" or "features").
+
+    ``key`` names the setting that gave ``num_frames`` (``data.datasets[i].num_frames`` for a mix).
+    """
     folder = Path(folder)
     written = {}
     if (folder / CONFIG_FILE).is_file():
@@ -88,8 +128,8 @@ def check_shards(folder: str | Path, want: str, num_frames: int, mcfg: ModelConf
     if kind == "frames":
         t, h, w, c = sample["frames"].shape[-4:]
         size = mcfg.image_size
-        if wcfg.get("num_frames", t) != num_frames or t != num_frames:
-            raise ConfigError(f"data.num_frames is {num_frames} but the {where} hold {t} frames per clip")
+        if t != num_frames or (t > 1 and wcfg.get("num_frames", t) != num_frames):
+            raise ConfigError(f"{key} is {num_frames} but the {where} hold {t} frames per clip{_hint(t)}")
         if (h, w) != (size, size) or wcfg.get("size", size) != size:
             raise ConfigError(
                 f"model.image_size is {size} but the {where} hold {h}x{w} frames "
@@ -100,7 +140,7 @@ def check_shards(folder: str | Path, want: str, num_frames: int, mcfg: ModelConf
         return kind
     t, q, d = sample["features"].shape[-3:]
     if t != num_frames:
-        raise ConfigError(f"data.num_frames is {num_frames} but the {where} hold features of {t} frames")
+        raise ConfigError(f"{key} is {num_frames} but the {where} hold features of {t} frames{_hint(t)}")
     if (q, d) != (mcfg.num_query_tokens, mcfg.feature_dim):
         raise ConfigError(
             f"the {where} hold features [T,{q},{d}] but the model expects "
@@ -169,6 +209,22 @@ def frames_to_clip(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return ((clip - mean) / std).to(dtype)
 
 
+def _turns(conversations: Any) -> list[tuple[str, str]]:
+    """``[{from: human|gpt, value}]`` -> (question, answer) pairs; a trailing question is dropped."""
+    if not isinstance(conversations, list):
+        return []
+    values = [t.get("value") if isinstance(t, dict) else None for t in conversations]
+    if not all(isinstance(v, str) for v in values):
+        return []
+    return list(zip(values[0::2], values[1::2], strict=False))
+
+
+def _cut_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """``text`` up to the end of its ``max_tokens``-th token (character offsets; no decode round trip)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
+
+
 class TrainStream(IterableDataset):
     """Batches for one rank. ``cursors[w]`` is logical worker w's cursor; ``offset`` rotates worker ids."""
 
@@ -187,25 +243,81 @@ class TrainStream(IterableDataset):
         seed: int,
         cursors: list[dict[str, Any]] | None = None,
         offset: int = 0,
+        task: str = "caption",
+        template: str | None = None,
+        max_len: int = 512,
     ):
         self.datasets, self.kind, self.tokenizer, self.mcfg = datasets, kind, tokenizer, mcfg
         self.micro_batch, self.max_caption_tokens = micro_batch, max_caption_tokens
+        self.task, self.template, self.max_len = task, template, max_len
+        if task == "conversation" and template is None:
+            raise ConfigError("data.template: conversation training needs 'vicuna' or 'llama2'")
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
         self.seed, self.offset = seed, offset
         empty = {"batches": 0, "samples": [0] * len(datasets)}
         self.cursors = cursors or [dict(empty) for _ in range(self.workers)]
 
-    def _good(self, sample: dict[str, Any] | None) -> bool:
-        if sample is None or not sample.get("caption"):
-            return False
-        x = sample.get(self.kind)
-        return x is not None and x.ndim - SAMPLE_NDIM[self.kind] in (0, 1)
-
-    def _view(self, x: np.ndarray, slot: int, batch: int, row: int) -> np.ndarray:
-        """One of K preprocessed views (augmentation), drawn from the seed: the same after a restart."""
+    def _view(self, x: np.ndarray, slot: int, batch: int, row: int) -> int | None:
+        """Which of K preprocessed views (augmentation) to use, drawn from the seed: the same after a
+        restart. None when the sample holds one view."""
         if x.ndim == SAMPLE_NDIM[self.kind]:
-            return x
-        return x[np.random.default_rng([self.seed, 2, slot, batch, row]).integers(len(x))]
+            return None
+        return int(np.random.default_rng([self.seed, 2, slot, batch, row]).integers(len(x)))
+
+    def _caption_turn(self, sample: dict[str, Any], modality: str, slot: int, batch: int, row: int):
+        """cc_sbu_align & co. in stage 2: (seeded instruction, raw caption cut to max_caption_tokens)."""
+        raw = (sample.get("meta") or {}).get("caption_raw")
+        answer = raw.strip() if isinstance(raw, str) and raw.strip() else sample.get("caption") or ""
+        if not answer:
+            return []
+        answer = _cut_tokens(self.tokenizer, answer, self.max_caption_tokens)
+        pool = CAPTION_INSTRUCTIONS[modality]
+        question = pool[int(np.random.default_rng([self.seed, 3, slot, batch, row]).integers(len(pool)))]
+        return [(question, answer)]
+
+    def _text(self, sample: dict[str, Any], x: np.ndarray, view: int | None, slot: int, batch: int, row: int):
+        """ids + labels for one sample; "error" for an unusable sample, "too_long" for one that cannot fit."""
+        n_video = self.mcfg.num_video_query_tokens
+        if self.task == "caption":
+            if not sample.get("caption"):
+                return "error"
+            return caption_sample(
+                self.tokenizer,
+                sample["caption"],
+                num_video_tokens=n_video,
+                max_caption_tokens=self.max_caption_tokens,
+            )
+        frames = x.shape[-SAMPLE_NDIM[self.kind]]  # T of [T,H,W,3] or [T,32,D]
+        modality = "image" if frames == 1 else "video"
+        meta = sample.get("meta") or {}
+        if "conversations" in meta:
+            turns = _turns(meta["conversations"])
+        else:
+            turns = self._caption_turn(sample, modality, slot, batch, row)
+        message = ""
+        if modality == "video":
+            stamps = meta.get("timestamps")
+            if view is not None and isinstance(stamps, list) and stamps and isinstance(stamps[0], list):
+                stamps = stamps[view]
+            if not isinstance(stamps, list) or len(stamps) != frames:
+                return "error"
+            message = frame_times_message(stamps)
+        if not turns:
+            return "error"
+        text = conversation_sample(
+            self.tokenizer, turns, self.template, modality, message, n_video, max_len=self.max_len
+        )
+        return "too_long" if text is None else text
+
+    def _prepare(self, sample: dict[str, Any] | None, slot: int, batch: int, row: int):
+        """(TextSample, array) for a usable sample, else the reason it is skipped."""
+        x = None if sample is None else sample.get(self.kind)
+        if x is None or x.ndim - SAMPLE_NDIM[self.kind] not in (0, 1):
+            return "error"
+        view = self._view(x, slot, batch, row)
+        x = x if view is None else x[view]
+        text = self._text(sample, x, view, slot, batch, row)
+        return text if isinstance(text, str) else (text, x)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -217,35 +329,36 @@ class TrainStream(IterableDataset):
             slot_samples(shards, slot, num_slots, self.seed + 7919 * d, skip=consumed[d])
             for d, (shards, _) in enumerate(self.datasets)
         ]
+        sizes = [sum(c for _, c in shards) for shards, _ in self.datasets]
         weights = [w for _, w in self.datasets]
         pad = self.tokenizer.pad_token_id
         while True:
             d = dataset_choice(weights, self.seed, slot, n)
-            good, errors = [], 0
-            while len(good) < self.micro_batch:
-                sample = next(streams[d])
+            texts: list[TextSample] = []
+            arrays: list[np.ndarray] = []
+            skipped = {"error": 0, "too_long": 0}
+            while len(texts) < self.micro_batch:
+                got = self._prepare(next(streams[d]), slot, n, len(texts))
                 consumed[d] += 1
-                if self._good(sample):
-                    good.append(sample)
-                else:
-                    errors += 1
-            text = [
-                caption_sample(
-                    self.tokenizer,
-                    s["caption"],
-                    num_video_tokens=self.mcfg.num_video_query_tokens,
-                    max_caption_tokens=self.max_caption_tokens,
-                )
-                for s in good
-            ]
-            batch = collate(text, pad)
-            views = [self._view(s[self.kind], slot, n, i) for i, s in enumerate(good)]
-            batch[self.kind] = torch.from_numpy(np.stack(views))
+                if isinstance(got, str):
+                    skipped[got] += 1
+                    if sum(skipped.values()) > sizes[d]:
+                        raise RuntimeError(
+                            f"data.datasets[{d}]: no usable sample in a whole pass over its {sizes[d]} samples "
+                            f"({skipped['too_long']} too long for data.max_len={self.max_len}); "
+                            f"check data.task={self.task!r} against what the shards hold"
+                        )
+                    continue
+                texts.append(got[0])
+                arrays.append(got[1])
+            batch = collate(texts, pad)
+            batch[self.kind] = torch.from_numpy(np.stack(arrays))
             n += 1
             batch.update(
                 slot=logical,
                 dataset=d,
-                errors=errors,
+                errors=skipped["error"],
+                too_long=skipped["too_long"],
                 cursor={"batches": n, "samples": list(consumed)},
             )
             yield batch

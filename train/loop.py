@@ -1,14 +1,19 @@
-"""Stage-1 training: the video Q-Former, frame position embedding and projection on frozen encoder + LLM.
+"""Training, both stages: the video Q-Former, frame position embedding and projection on a frozen
+encoder + LLM. Stage 1 trains on captions (``data.task=caption``); stage 2 on instructions
+(``data.task=conversation``), starting from a stage-1 export (``init_from=runs/stage1/export``) or a
+released Video-LLaMA ``.pth``.
 
 CPU (tests, demo)::
 
     python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny
     torchrun --nproc_per_node=2 cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS
+    python cli.py train --config configs/stage2_tiny.yaml init_from=runs/tiny/export
 
 One node, 8 GPUs::
 
     torchrun --nproc_per_node=8 cli.py train --config configs/stage1_vit-g_7b.yaml
     deepspeed --num_gpus 8 cli.py train --config configs/stage1_vit-g_7b.yaml
+    torchrun --nproc_per_node=8 cli.py train --config configs/stage2_vit-g_7b.yaml
 
 Several nodes: ``srun`` one task per GPU with MASTER_ADDR/MASTER_PORT exported (pipeline.distributed).
 
@@ -21,6 +26,7 @@ The schedule: linear warm-up from ``warmup_lr`` to ``init_lr`` over ``warmup_ste
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -114,7 +120,7 @@ def build_tokenizer(cfg: TrainConfig, mcfg: ModelConfig):
     return tok
 
 
-def build_model(cfg: TrainConfig, mcfg: ModelConfig) -> VideoLLaMA:
+def build_model(cfg: TrainConfig, mcfg: ModelConfig, verbose: bool = False) -> VideoLLaMA:
     from pipeline.weights import load_frozen_encoder, load_trainable_weights
 
     torch.manual_seed(cfg.seed)  # same random init on every rank and every restart
@@ -122,8 +128,53 @@ def build_model(cfg: TrainConfig, mcfg: ModelConfig) -> VideoLLaMA:
     if mcfg.blip2_path or mcfg.eva_vit_path:
         load_frozen_encoder(model)
     if cfg.init_from:
-        load_trainable_weights(model, cfg.init_from)
+        report = load_trainable_weights(model, cfg.init_from)
+        if verbose:
+            print(f"[train] init_from {cfg.init_from}: {report}", flush=True)
     return model
+
+
+def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """Content hash of fp32 tensors by name: shows which weights a run started from."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def set_master_weights(model: VideoLLaMA, start: dict[str, torch.Tensor]) -> str:
+    """Put the ``init_from`` weights into the optimizer's fp32 master copy and return its checksum.
+
+    With bf16, DeepSpeed casts the module and then copies the fp32 master weights *from the bf16 ones*,
+    which would start stage 2 from stage-1 weights rounded to 8 bits of mantissa. Collective: every
+    rank calls it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    held = {}
+    for name, p in model.trainable_parameters():
+        safe_set_full_fp32_param(p, start[name].to(p.device, torch.float32))
+        full = safe_get_full_fp32_param(p)
+        held[name] = full if full is not None else p
+    return weights_checksum(held)
+
+
+def check_template(cfg: TrainConfig, mcfg: ModelConfig, rank: int) -> None:
+    """Warn when the prompt style looks wrong for the LLM (the original's most asked-about mix-up)."""
+    name = Path(cfg.tokenizer or mcfg.llm_path or "").name.lower().replace("_", "-")
+    llama2_chat = ("llama-2" in name or "llama2" in name) and "chat" in name
+    if (
+        rank == 0
+        and cfg.data.task == "conversation"
+        and name
+        and (cfg.data.template == "vicuna") == llama2_chat
+    ):
+        print(
+            f"[train] warning: data.template={cfg.data.template} for the LLM {name!r}: LLaMA-2-chat "
+            "models need 'llama2', Vicuna/LLaMA 'vicuna'",
+            flush=True,
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -136,16 +187,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
 
-    info = distributed.init()
-    rank, world = info.rank, info.world_size
-    run_dir = Path(cfg.run_dir)
     mcfg = cfg.model_config()
     specs = cfg.data.specs()
-    kinds = {check_shards(s.shards, cfg.data.input, cfg.data.num_frames, mcfg) for s in specs}
+    datasets = [(shard_counts(s.shards), s.weight) for s in specs]  # refuses missing folders
+    keys = [f"data.datasets[{i}].num_frames" for i in range(len(specs))] if cfg.data.datasets else []
+    kinds = {
+        check_shards(s.shards, cfg.data.input, s.num_frames, mcfg, *keys[i : i + 1])
+        for i, s in enumerate(specs)
+    }
     if len(kinds) > 1:
         raise ConfigError("data.datasets: mixes frame shards and feature shards; use one kind for all")
     kind = kinds.pop()
-    datasets = [(shard_counts(s.shards), s.weight) for s in specs]
+
+    info = distributed.init()  # after the checks: a config error exits with one line, on every rank
+    rank, world = info.rank, info.world_size
+    run_dir = Path(cfg.run_dir)
     total = sum(n for shards, _ in datasets for _, n in shards)
     global_batch = cfg.micro_batch * cfg.grad_accum * world
     steps_per_epoch = cfg.steps_per_epoch or max(1, total // global_batch)
@@ -160,8 +216,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         save_yaml(mcfg, run_dir / "model.yaml")
     distributed.barrier()
 
-    model = build_model(cfg, mcfg)
+    model = build_model(cfg, mcfg, verbose=rank == 0)
+    start = {n: p.detach().clone() for n, p in model.trainable_parameters()} if cfg.init_from else None
     tokenizer = build_tokenizer(cfg, mcfg)
+    check_template(cfg, mcfg, rank)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.warmup_lr, betas=o.betas, eps=o.eps
@@ -171,14 +229,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    init_checksum = set_master_weights(model, start) if start is not None else None
+    del start
 
     step, samples_seen = 0, 0
     workers = max(cfg.data.workers, 1)
-    cursors = None
+    cursors, skipped = None, {}
     resume_from = checkpoint.latest(run_dir)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from, rank, world)
         step, samples_seen, cursors = state["step"], state["samples_seen"], state["cursors"]
+        skipped = state.get("skipped", {})
         if rank == 0:
             print(f"[train] resumed from {resume_from} at step {step}", flush=True)
         if len(cursors) != workers:
@@ -196,6 +257,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         mcfg=mcfg,
         micro_batch=cfg.micro_batch,
         max_caption_tokens=cfg.data.max_caption_tokens,
+        task=cfg.data.task,
+        template=cfg.data.template,
+        max_len=cfg.data.max_len,
         rank=rank,
         world_size=world,
         workers=cfg.data.workers,
@@ -210,7 +274,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tracker = make_tracker(rank == 0, cfg.tracking, run_dir, cfg.experiment, cfg.tracking_uri, cfg.run_name)
     if resume_from is None:
         tracker.log_params({**to_dict(cfg), "resolved": {"model": to_dict(mcfg), "max_steps": max_steps}})
-        tracker.set_tags({"git_commit": git_commit(REPO), "world_size": world, "input": kind})
+        tags = {"git_commit": git_commit(REPO), "world_size": world, "input": kind, "task": cfg.data.task}
+        if init_checksum is not None:  # the trainable weights at step 0, as the optimizer holds them
+            tags.update(init_from=str(cfg.init_from), init_weights_checksum=init_checksum)
+            if rank == 0:
+                (run_dir / "init_from.json").write_text(
+                    json.dumps({"init_from": str(cfg.init_from), "checksum": init_checksum}) + "\n"
+                )
+        tracker.set_tags(tags)
         tracker.log_artifact(run_dir / "config.yaml")
     else:
         tracker.set_tags({f"resumed_at_step_{step}": resume_from.name})
@@ -221,24 +292,32 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         export_trainable({k: v.float() for k, v in model.trainable_state_dict().items()}, mcfg, out)
 
     def save(at: int) -> Path:
-        state = {"step": at, "samples_seen": samples_seen, "cursors": cursors, "world_size": world}
+        state = {
+            "step": at,
+            "samples_seen": samples_seen,
+            "cursors": cursors,
+            "world_size": world,
+            "skipped": {"errors": errors_total, "too_long": too_long_total},
+        }
         return checkpoint.save(engine, run_dir, at, rank, state, export, cfg.keep_last)
 
     engine.train()
-    errors_total, last_saved, loss = 0, None, float("nan")
+    errors_total, too_long_total = skipped.get("errors", 0), skipped.get("too_long", 0)
+    last_saved, loss = None, float("nan")
     while step < max_steps:
         lr = lr_at(step, o, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_step = time.perf_counter()
         wait = loss_sum = 0.0
-        tokens = samples = errors = 0
+        tokens = samples = errors = too_long = 0
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
             cursors[batch["slot"]] = batch["cursor"]
             errors += batch["errors"]
+            too_long += batch["too_long"]
             inputs = {
                 k: batch[k].to(info.device) for k in ("input_ids", "attention_mask", "video_mask", "labels")
             }
@@ -255,7 +334,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         step += 1
         grad_norm = engine.get_global_grad_norm()
         stats = torch.tensor(
-            [loss_sum / cfg.grad_accum, tokens, samples, errors, wait, stop.requested], dtype=torch.float64
+            [loss_sum / cfg.grad_accum, tokens, samples, errors, wait, stop.requested, too_long],
+            dtype=torch.float64,
         )
         distributed.all_reduce_sum(stats)
         stop_now = stats[5].item() > 0 and step < max_steps
@@ -263,6 +343,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         loss = stats[0].item() / world
         samples_seen += int(stats[2])
         errors_total += int(stats[3])
+        too_long_total += int(stats[6])
         if rank == 0:
             wait_s = stats[4].item() / world
             metrics = {
@@ -274,7 +355,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "step_time_s": dt,
                 "data_wait_s": wait_s,
                 "compute_s": dt - wait_s,
-                "data_errors": errors_total,
+                "data_errors": errors_total,  # unreadable / unusable samples skipped, all ranks
+                "data_too_long": too_long_total,  # conversations skipped: no fit in data.max_len
                 "samples_seen": samples_seen,
                 "epoch": step / steps_per_epoch,
             }
@@ -287,6 +369,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     f"{metrics['samples_per_s']:.1f} samples/s data {wait_s:.2f}s",
                     flush=True,
                 )
+        if cfg.eval.shards and (step % cfg.eval.every == 0 or step == max_steps):  # validation: infer/
+            from infer.evaluate import evaluate_in_training
+
+            evaluate_in_training(model, tokenizer, cfg.eval, step, rank, world, run_dir, tracker, info.device)
         if step % cfg.save_every == 0 or step == max_steps or stop_now:
             last_saved = save(step)
         if stop_now:
