@@ -134,7 +134,7 @@ def convert(src: str, dst: str) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file")
 @click.argument("overrides", nargs=-1)
 def train(config_path, overrides) -> None:
-    """Stage-1 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    """Stage-1 or stage-2 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
     from train.config import TrainConfig
 
     try:

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from pipeline.model import VideoLLaMA, preset
+from pipeline.model import VideoLLaMA, clip_from_frames, preset
 from pipeline.prompts import caption_sample, collate, prepare_tokenizer
 from pipeline.tiny import tiny_tokenizer
-from train.data import frames_to_clip
 from train.loop import param_groups
 
 
@@ -43,12 +42,12 @@ def main() -> None:
     text = {k: v.to(device) for k, v in text.items()}
     size = cfg.image_size
     frames = torch.randint(0, 256, (args.batch, args.frames, size, size, 3), dtype=torch.uint8, device=device)
-    features = model.encode_frames(frames_to_clip(frames)).to(torch.float16)
+    features = model.encode_frames(clip_from_frames(frames)).to(torch.float16)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
 
     def step(kind: str) -> None:
         if kind == "frames":
-            out = model(**text, clip=frames_to_clip(frames))
+            out = model(**text, clip=clip_from_frames(frames))
         else:
             out = model(**text, features=features.float())
         out.loss.backward()

@@ -69,7 +69,13 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # DeepSpeed reads these even when the process group already exists.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    if world == 1:  # nothing to rendezvous with: an in-memory store, so no port can be lost to a race
+        store = dist.HashStore()
+        dist.init_process_group(
+            backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+        )
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, device)
 
 

@@ -215,12 +215,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_from_frames(frames) -> torch.Tensor:
-    """Stored uint8 frames ``[..., T, H, W, 3]`` -> normalised float clip ``[..., 3, T, H, W]`` (CLIP mean/std)."""
-    x = torch.as_tensor(frames).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1, 1)
-    return (x.movedim(-1, -4) - mean) / std
+def clip_from_frames(frames, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stored uint8 frames ``[..., T, H, W, 3]`` -> CLIP-normalised clip ``[..., 3, T, H, W]``.
+
+    Works on the frames' device, so a loader can move uint8 (4x less to copy) and normalise there."""
+    x = torch.as_tensor(frames)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1, 1)
+    return ((x.movedim(-1, -4).float().div_(255.0) - mean) / std).to(dtype)
 
 
 @torch.no_grad()

@@ -19,14 +19,14 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import ConfigError, load_config
-from pipeline.model import TRAINABLE, VideoLLaMA, tiny
+from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, tiny
 from pipeline.prompts import prepare_tokenizer
 from pipeline.shards import ShardWriter, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.conftest import build_corpus
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_shards, frames_to_clip, make_loader, shard_counts
+from train.data import TrainStream, check_shards, make_loader, shard_counts
 from train.loop import ds_config, lr_at, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def write_feature_shards(frames_dir: Path, out: Path, fingerprint: str | None = 
     for path in sorted(frames_dir.glob("shard-*.tar")):
         writer = ShardWriter(out / (path.stem + ".arrow"), "arrow")
         for s in read_shard(path):
-            clip = frames_to_clip(torch.from_numpy(s["frames"])[None])
+            clip = clip_from_frames(torch.from_numpy(s["frames"])[None])
             feats = model.encode_frames(clip)[0].to(torch.float16).numpy()
             writer.write({"key": s["key"], "caption": s["caption"], "meta": s["meta"], "features": feats})
         writer.commit()

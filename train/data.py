@@ -48,8 +48,6 @@ from pipeline.model import ModelConfig
 from pipeline.prompts import TextSample, caption_sample, collate, conversation_sample, frame_times_message
 from pipeline.shards import CONFIG_FILE, ENCODER_FILE, INDEX_FILE, list_shards, read_shard
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAMPLE_NDIM = {"frames": 4, "features": 3}  # [T,H,W,3] / [T,32,D]; one more = a leading views axis
 # Questions for caption-only samples in conversation training (the wording of the original's
 # prompts/alignment_image.txt, which MiniGPT-4 also used for cc_sbu_align; videos: the same, of a video).
@@ -199,14 +197,6 @@ def dataset_choice(weights: list[float], seed: int, slot: int, batch: int) -> in
         return 0
     p = np.asarray(weights, dtype=np.float64) / sum(weights)
     return int(np.random.default_rng([seed, 1, slot, batch]).choice(len(p), p=p))
-
-
-def frames_to_clip(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,T,H,W,3] -> CLIP-normalised [B,3,T,H,W] (done on the device: 4x less to copy)."""
-    mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1, 1)
-    clip = frames.permute(0, 4, 1, 2, 3).float().div_(255.0)
-    return ((clip - mean) / std).to(dtype)
 
 
 def _turns(conversations: Any) -> list[tuple[str, str]]:

@@ -40,10 +40,10 @@ import torch
 
 from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, save_yaml, to_dict
-from pipeline.model import ModelConfig, VideoLLaMA
+from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames
 from pipeline.tracking import git_commit, make_tracker
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_shards, frames_to_clip, make_loader, shard_counts
+from train.data import TrainStream, check_shards, make_loader, shard_counts
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_FILE = "metrics.jsonl"
@@ -322,7 +322,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 k: batch[k].to(info.device) for k in ("input_ids", "attention_mask", "video_mask", "labels")
             }
             if kind == "frames":
-                inputs["clip"] = frames_to_clip(batch["frames"].to(info.device), dtype)
+                inputs["clip"] = clip_from_frames(batch["frames"].to(info.device), dtype)
             else:
                 inputs["features"] = batch["features"].to(info.device, dtype)
             out = engine(**inputs)
