@@ -118,7 +118,14 @@ def original_dataloader(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def job(annotations: Path, videos: Path, workers: int, limit: int | None = None, sample_rss: bool = False):
+def job(
+    annotations: Path,
+    videos: Path,
+    workers: int,
+    limit: int | None = None,
+    sample_rss: bool = False,
+    per_shard: int = 25,
+):
     import ray
 
     from preprocess.job import run
@@ -158,7 +165,7 @@ def job(annotations: Path, videos: Path, workers: int, limit: int | None = None,
             "annotations": str(annotations),
             "videos": str(videos),
             "output": str(out),
-            "samples_per_shard": 25,
+            "samples_per_shard": per_shard,
             "limit": limit,
             "progress_every_s": 30.0,
         },
@@ -178,6 +185,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--distinct", type=int, default=40)
     ap.add_argument("--soak", type=int, default=1000, help="clips in the RSS soak run (0: skip)")
+    ap.add_argument("--samples-per-shard", type=int, default=25)
     args = ap.parse_args()
     annotations, videos, paths = build_corpus(args.distinct, max(args.clips, args.soak))
     sub = paths[: args.clips]
@@ -190,8 +198,8 @@ def main() -> None:
     for chunk in chunks:
         raws.append(raw_decord(chunk))
         origs.append(original_dataloader(chunk))
-    r1, s1, _ = job(annotations, videos, 1, limit=args.clips)
-    r2, s2, _ = job(annotations, videos, 2, limit=args.clips)
+    r1, s1, _ = job(annotations, videos, 1, limit=args.clips, per_shard=args.samples_per_shard)
+    r2, s2, _ = job(annotations, videos, 2, limit=args.clips, per_shard=args.samples_per_shard)
     raws.append(raw_decord(chunks[0]))  # drift check: the ceiling again, after the jobs
     results.update(
         raw_decord_clips_per_s=float(np.median(raws)),

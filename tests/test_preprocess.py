@@ -304,3 +304,19 @@ def test_killed_job_resumes_to_same_result(tmp_path):
     assert shard_digest(out) == shard_digest(ref)
     assert pq.read_table(out / "index.parquet").equals(pq.read_table(ref / "index.parquet"))
     assert not list(out.glob(".*tmp-*")), "temporary files are cleaned or never left"
+
+
+def test_tsv_annotations_and_extra_columns(tmp_path):
+    from preprocess.inputs import read_annotations
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "a.tsv").write_text(
+        "videoid\tcontentUrl\tduration\tpage_dir\tname\n"
+        "1\thttp://x\tPT00H00M12S\t000001_000050\tA caption, with a comma\n"
+        "2\t\t\t000001_000050\t\n"
+    )
+    rows = read_annotations(str(tmp_path / "a.tsv"), str(tmp_path / "videos"))
+    assert [(r["videoid"], r["page_dir"], r["caption"]) for r in rows] == [
+        ("1", "000001_000050", "A caption, with a comma"),
+        ("2", "000001_000050", None),
+    ]
