@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess_bench.py
 	$(BIN)/python benchmarks/feature_cache_bench.py
 	$(BIN)/python benchmarks/train_bench.py
+	$(BIN)/python benchmarks/loader_bench.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
