@@ -33,6 +33,7 @@ import torch
 from infer.generate import GenerationConfig
 from infer.load import ModelSource, check_llm, resolve
 from pipeline.config import ConfigError
+from pipeline.raycluster import init_ray
 from pipeline.shards import INDEX_FILE, list_shards, read_shard
 
 FRAME_NDIM = {"frames": 4, "features": 3}
@@ -153,19 +154,6 @@ class ShardCaptioner:
 # ---- the driver ----------------------------------------------------------------------------------
 
 
-def _init_ray(cfg: BatchCaptionConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=cfg.workers or os.cpu_count(), **kwargs)
-    return True
-
-
 def _plan(cfg: BatchCaptionConfig, done: dict[str, set[str]]) -> tuple[list[Path], dict[str, Any]]:
     """Shards still to caption, and what the index says (expected ok rows, preprocessing failures)."""
     folder = Path(cfg.shards)
@@ -217,7 +205,7 @@ def run(cfg: BatchCaptionConfig) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
     t0, new = time.monotonic(), 0
     if todo:
-        owns = _init_ray(cfg)
+        owns = init_ray(cfg.ray_address, cfg.workers)
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars, ctx.verbose_stats_logs = False, False

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.raycluster import init_ray
 from pipeline.shards import (
     CONFIG_FILE,
     ENCODER_FILE,
@@ -99,22 +100,6 @@ def _finished(out: Path, shard: int, fmt: str) -> list[dict] | None:
     return None
 
 
-def init_ray(cfg: PreprocessConfig) -> bool:
-    """Start local Ray (``workers`` CPUs) or join ``ray_address``; returns whether we own it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, **kwargs)
-    else:
-        if cfg.object_store_mb:
-            kwargs["object_store_memory"] = cfg.object_store_mb << 20
-        ray.init(address="local", num_cpus=cfg.workers or os.cpu_count(), **kwargs)
-    return True
-
-
 class _Progress:
     """Counts clips across shard tasks (a Ray actor) so the driver can print per-clip progress."""
 
@@ -177,7 +162,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
 
     t_work = time.monotonic()
     if todo:
-        owns_ray = init_ray(cfg)
+        owns_ray = init_ray(cfg.ray_address, cfg.workers, cfg.object_store_mb)
         try:
             _run_shards(cfg, todo, results, len(rows) - resumed)
         finally:
