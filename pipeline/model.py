@@ -260,14 +260,23 @@ class FrozenEncoder(nn.Module):
         return encode_frames(self, clip)
 
     def weights_fingerprint(self) -> str:
-        """Content hash of every tensor: two encoders give the same cache only if this matches."""
-        import hashlib
+        return encoder_weights_fingerprint(self)
 
-        h = hashlib.blake2b(digest_size=8)
-        for k, v in sorted(self.state_dict().items()):
+
+ENCODER_PARTS = ("visual_encoder.", "qformer.", "query_tokens")
+
+
+def encoder_weights_fingerprint(module: nn.Module) -> str:
+    """Content hash of the frozen encoder's tensors (of a FrozenEncoder or a VideoLLaMA): a feature
+    cache and a model agree on the encoder only if this matches."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for k, v in sorted(module.state_dict().items()):
+        if k.startswith(ENCODER_PARTS):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+    return h.hexdigest()
 
 
 class VideoLLaMA(nn.Module):

@@ -19,14 +19,14 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import ConfigError, load_config
-from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, tiny
+from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint, tiny
 from pipeline.prompts import prepare_tokenizer
 from pipeline.shards import ShardWriter, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.conftest import build_corpus
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_shards, make_loader, shard_counts
+from train.data import TrainStream, check_encoder_weights, check_shards, make_loader, shard_counts
 from train.loop import ds_config, lr_at, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,10 @@ def write_feature_shards(frames_dir: Path, out: Path, fingerprint: str | None = 
     torch.manual_seed(42)  # = the training seed: the same frozen encoder as the run builds
     model = VideoLLaMA(tiny()).eval()
     out.mkdir(parents=True)
-    identity = f"{fingerprint or model.cfg.encoder_fingerprint()}-0000"  # as preprocess.features records it
+    weights = encoder_weights_fingerprint(model)
+    identity = (
+        f"{fingerprint or model.cfg.encoder_fingerprint()}-{weights}"  # as preprocess.features records it
+    )
     (out / "_encoder.json").write_text(json.dumps({"encoder": identity}))
     for path in sorted(frames_dir.glob("shard-*.tar")):
         writer = ShardWriter(out / (path.stem + ".arrow"), "arrow")
@@ -198,6 +201,10 @@ def test_mismatched_shards_are_refused(shards, tmp_path):
     other = write_feature_shards(shards, tmp_path / "feats", fingerprint="0123456789abcdef")
     with pytest.raises(ConfigError, match="another frozen encoder"):
         check_shards(other, "auto", 8, cfg)
+    same = encoder_weights_fingerprint(VideoLLaMA(tiny()))
+    check_encoder_weights([str(other)], same)  # same weights: accepted
+    with pytest.raises(ConfigError, match="encoder with other weights"):
+        check_encoder_weights([str(other)], "feedfacefeedface")
     # through the command line: a clear one-line error, no traceback
     p = run_train(1, f"data.shards={shards}", f"run_dir={tmp_path / 'r'}", "data.num_frames=4", check=False)
     assert p.returncode != 0 and "data.num_frames is 4" in p.stderr and "Traceback" not in p.stderr

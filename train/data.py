@@ -144,9 +144,7 @@ def check_shards(
             f"the {where} hold features [T,{q},{d}] but the model expects "
             f"[T,{mcfg.num_query_tokens},{mcfg.feature_dim}] (num_query_tokens, feature_dim)"
         )
-    identity = sample["meta"].get("encoder")  # "<config fingerprint>-<weights hash>" (preprocess.features)
-    if (folder / ENCODER_FILE).is_file():
-        identity = json.loads((folder / ENCODER_FILE).read_text())["encoder"]
+    identity = cached_encoder(folder, sample)
     theirs = identity.split("-")[0] if identity else None
     if theirs and theirs != mcfg.encoder_fingerprint():
         raise ConfigError(
@@ -154,6 +152,25 @@ def check_shards(
             f"{mcfg.encoder_fingerprint()}): rebuild the feature cache or use the same encoder config"
         )
     return kind
+
+
+def cached_encoder(folder: Path, sample: dict[str, Any]) -> str | None:
+    """``"<config fingerprint>-<weights hash>"`` of the encoder that cached the features (preprocess.features)."""
+    if (folder / ENCODER_FILE).is_file():
+        return json.loads((folder / ENCODER_FILE).read_text())["encoder"]
+    return sample["meta"].get("encoder")
+
+
+def check_encoder_weights(folders: list[str], weights_hash: str) -> None:
+    """Refuse features cached by an encoder with other weights than the model's (same config, other files)."""
+    for folder in folders:
+        identity = cached_encoder(Path(folder), first_sample(folder) or {"meta": {}})
+        theirs = identity.rpartition("-")[2] if identity and "-" in identity else None
+        if theirs and theirs != weights_hash:
+            raise ConfigError(
+                f"the features in {str(folder)!r} were cached by an encoder with other weights (hash {theirs}, "
+                f"this model's {weights_hash}): load the same encoder files, or rebuild the feature cache"
+            )
 
 
 # ---- streams ---------------------------------------------------------------------------------------

@@ -40,10 +40,10 @@ import torch
 
 from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, save_yaml, to_dict
-from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames
+from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
 from pipeline.tracking import git_commit, make_tracker
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_shards, make_loader, shard_counts
+from train.data import TrainStream, check_encoder_weights, check_shards, make_loader, shard_counts
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_FILE = "metrics.jsonl"
@@ -217,6 +217,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     distributed.barrier()
 
     model = build_model(cfg, mcfg, verbose=rank == 0)
+    if kind == "features":  # before DeepSpeed casts the module: the cache hashed the encoder as built
+        check_encoder_weights([s.shards for s in specs], encoder_weights_fingerprint(model))
     start = {n: p.detach().clone() for n, p in model.trainable_parameters()} if cfg.init_from else None
     tokenizer = build_tokenizer(cfg, mcfg)
     check_template(cfg, mcfg, rank)
