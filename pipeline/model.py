@@ -324,9 +324,22 @@ class VideoLLaMA(nn.Module):
         """The tensors a trainable-weights export holds (our names; see pipeline.weights)."""
         return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in TRAINABLE}
 
+    def drop_frozen_encoder(self) -> int:
+        """Free the ViT + image Q-Former when every batch brings cached features (about 2 GB of fp16
+        weights at real size, on every GPU); returns the number of parameters freed."""
+        if self.visual_encoder is None:
+            return 0
+        freed = sum(p.numel() for n, p in self.named_parameters() if n.startswith(ENCODER_PARTS))
+        self.visual_encoder, self.qformer, self.query_tokens = None, None, None
+        return freed
+
     # ---- forward -----------------------------------------------------------------------------
     def encode_frames(self, clip: torch.Tensor) -> torch.Tensor:
         """Frozen part: [B,3,T,H,W] -> [B,T,num_query_tokens,feature_dim] (the cache boundary)."""
+        if self.visual_encoder is None:
+            raise RuntimeError(
+                "this model dropped its frozen encoder (trained from cached features): pass features"
+            )
         return encode_frames(self, clip)
 
     def video_tokens(self, features: torch.Tensor) -> torch.Tensor:

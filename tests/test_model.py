@@ -156,3 +156,31 @@ def test_local_llm_directory_and_tokenizer(tmp_path):
     cfg.llm_hidden_size = 128
     with pytest.raises(ConfigError, match="hidden size 64"):
         VideoLLaMA(cfg)
+
+
+def test_training_from_cached_features_can_drop_the_frozen_encoder():
+    """Features in, same loss, and the ViT + image Q-Former are gone (they never run on features)."""
+    import pytest
+
+    from pipeline.model import VideoLLaMA, tiny
+
+    torch.manual_seed(0)
+    model = VideoLLaMA(tiny()).eval()
+    clip = torch.randn(2, 3, 4, 56, 56)
+    features = model.encode_frames(clip)
+    ids = torch.randint(3, 900, (2, 40))
+    video_mask = torch.zeros(2, 40, dtype=torch.bool)
+    video_mask[:, 1:33] = True
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "video_mask": video_mask,
+        "labels": ids,
+    }
+    before = model(**batch, features=features).loss
+    n = sum(p.numel() for p in model.parameters())
+    freed = model.drop_frozen_encoder()
+    assert freed > 0 and sum(p.numel() for p in model.parameters()) == n - freed
+    assert torch.equal(model(**batch, features=features).loss, before)
+    with pytest.raises(RuntimeError, match="dropped its frozen encoder"):
+        model(**batch, clip=clip)

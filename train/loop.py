@@ -43,7 +43,14 @@ from pipeline.config import ConfigError, save_yaml, to_dict
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
 from pipeline.tracking import git_commit, make_tracker
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_encoder_weights, check_shards, make_loader, shard_counts
+from train.data import (
+    TrainStream,
+    check_encoder_weights,
+    check_shards,
+    first_sample,
+    make_loader,
+    shard_counts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_FILE = "metrics.jsonl"
@@ -219,6 +226,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(cfg, mcfg, verbose=rank == 0)
     if kind == "features":  # before DeepSpeed casts the module: the cache hashed the encoder as built
         check_encoder_weights([s.shards for s in specs], encoder_weights_fingerprint(model))
+        eval_frames = cfg.eval.shards and (first_sample(cfg.eval.shards) or {}).get("features") is None
+        freed = 0 if eval_frames else model.drop_frozen_encoder()  # never runs on features: off the GPU
+        if rank == 0 and freed:
+            print(
+                f"[train] cached features: frozen encoder not loaded on the device ({freed:,} params)",
+                flush=True,
+            )
     start = {n: p.detach().clone() for n, p in model.trainable_parameters()} if cfg.init_from else None
     tokenizer = build_tokenizer(cfg, mcfg)
     check_template(cfg, mcfg, rank)
