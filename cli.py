@@ -144,7 +144,13 @@ def train(config_path, overrides) -> None:
         summary = run(cfg)
     except ConfigError as e:
         _fail(e)
-    click.echo(f"[train] done: {summary}")
+    if summary["rank"] == 0:
+        run_dir = summary["run_dir"]
+        click.echo(
+            f"[train] done: {summary['steps']}/{summary['max_steps']} steps, loss {summary['loss']:.4f}, "
+            f"{summary['samples_seen']} samples from {summary['input']}\n"
+            f"  export: {run_dir}/export   checkpoints: {run_dir}/checkpoints   metrics: {run_dir}/metrics.jsonl"
+        )
 
 
 # ---- inference and evaluation (infer/) ---------------------------------------------------------------

@@ -406,4 +406,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         tracker.log_artifact(final, "export")
     tracker.close()
     distributed.cleanup()
-    return {"steps": step, "max_steps": max_steps, "loss": loss, "samples_seen": samples_seen, "input": kind}
+    return {
+        "steps": step,
+        "max_steps": max_steps,
+        "loss": loss,
+        "samples_seen": samples_seen,
+        "input": kind,
+        "run_dir": str(run_dir),
+        "rank": rank,
+    }
