@@ -265,8 +265,9 @@ def load_frozen_encoder(model: VideoLLaMA) -> LoadReport:
 
 def trainable_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Names and shapes of the trainable tensors, from the model itself built on the meta device."""
+    shapes_only = dataclasses.replace(cfg, llm_gradient_checkpointing=False)  # no LLM to configure
     with torch.device("meta"):
-        model = VideoLLaMA(cfg, llm=nn.Identity())
+        model = VideoLLaMA(shapes_only, llm=nn.Identity())
     return {k: v.shape for k, v in model.trainable_state_dict().items()}
 
 

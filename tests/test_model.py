@@ -184,3 +184,27 @@ def test_training_from_cached_features_can_drop_the_frozen_encoder():
     assert torch.equal(model(**batch, features=features).loss, before)
     with pytest.raises(RuntimeError, match="dropped its frozen encoder"):
         model(**batch, clip=clip)
+
+
+def test_llm_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from pipeline.model import VideoLLaMA, tiny
+
+    batches = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny()
+        cfg.llm_gradient_checkpointing = checkpointing
+        cfg.dropout = 0.0  # compare the two runs exactly
+        model = VideoLLaMA(cfg).train()
+        assert model.llm.training == checkpointing and not model.visual_encoder.training
+        torch.manual_seed(1)
+        ids = torch.randint(3, 900, (2, 40))
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[:, 1:33] = True
+        feats = torch.randn(2, 4, 32, 64)
+        out = model(ids, torch.ones_like(ids), mask, labels=ids, features=feats)
+        out.loss.backward()
+        batches.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+    (l0, g0), (l1, g1) = batches
+    assert torch.equal(l0, l1)
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0) and any(g0[n].abs().sum() > 0 for n in g0)

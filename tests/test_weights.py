@@ -361,3 +361,13 @@ def test_convert_cli(released_7b, tmp_path):
         and "Error: cannot infer the model config" in r.stderr
         and "video_query_tokens" in r.stderr
     )
+
+
+def test_export_of_a_model_with_llm_checkpointing(tmp_path):
+    """The export's shape check builds the model without an LLM; checkpointing must not get in the way."""
+    cfg = tiny()
+    cfg.llm_gradient_checkpointing = True
+    model = VideoLLaMA(cfg)
+    export_trainable(model, cfg, tmp_path / "exp")
+    sd, back = load_trainable(tmp_path / "exp")
+    assert back.llm_gradient_checkpointing and torch.equal(sd["llama_proj.weight"], model.llama_proj.weight)
