@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import FrozenEncoder, clip_from_frames, preset  # noqa: E402
+from pipeline.raycluster import init_ray  # noqa: E402
 from pipeline.sample_data import make_webvid_sample  # noqa: E402
 from pipeline.shards import _npy_bytes, list_shards  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
@@ -77,13 +78,7 @@ def job_rate(corpus: dict, out: Path, cache: bool, workers: int) -> tuple[float,
     if cache:
         values.update({"features.enabled": True, "features.model": "tiny", "features.batch_size": 8})
     cfg = load_config(PreprocessConfig, values=values)
-    ray.init(
-        address="local",
-        num_cpus=workers,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 << 20,
-    )
+    init_ray(None, workers, object_store_mb=200)
     t0 = time.perf_counter()
     summary = run(cfg)
     elapsed = time.perf_counter() - t0

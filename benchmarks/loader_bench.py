@@ -30,6 +30,7 @@ from preprocess_bench import build_corpus, one_core, original_dataloader  # noqa
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import clip_from_frames  # noqa: E402
+from pipeline.raycluster import init_ray  # noqa: E402
 from pipeline.shards import list_shards, read_shard  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
 
@@ -64,13 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     annotations, videos, paths = build_corpus(args.distinct, args.clips)
     out = Path(tempfile.mkdtemp(prefix="loader_bench_")) / "shards"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 << 20,
-    )
+    init_ray(None, 2, object_store_mb=200)
     values = {
         "annotations": str(annotations),
         "videos": str(videos),

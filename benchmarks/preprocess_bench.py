@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.raycluster import init_ray  # noqa: E402
 from pipeline.sample_data import make_webvid_sample  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
 
@@ -132,13 +133,7 @@ def job(
 
     out = Path(tempfile.mkdtemp(prefix="bench_out_")) / "shards"
     t0 = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=workers,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 << 20,
-    )
+    init_ray(None, workers, object_store_mb=200)
     startup = time.perf_counter() - t0
     rss: list[tuple[float, float, float]] = []
     stop = threading.Event()
