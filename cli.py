@@ -114,17 +114,19 @@ def preprocess(config_path, overrides, **flags) -> None:
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-def convert(src: str, dst: str) -> None:
+@click.option("--preset", help="ModelConfig preset of a .pth that carries none [inferred from shapes]")
+def convert(src: str, dst: str, preset: str | None) -> None:
     """Released Video-LLaMA checkpoint (.pth) -> trainable-weights export folder, or back.
 
     The export is trainable.safetensors + model.yaml; the way back writes {"model": state_dict} with
-    the original (LAVIS BERT) key names.
+    the original (LAVIS BERT) key names, plus the model config so that it converts back unchanged.
     """
+    from pipeline.model import preset as model_preset
     from pipeline.weights import WeightsError
     from pipeline.weights import convert as convert_weights
 
     try:
-        report = convert_weights(src, dst)
+        report = convert_weights(src, dst, model_preset(preset) if preset else None)
     except (WeightsError, ConfigError) as e:
         _fail(e)
     click.echo(f"{src} -> {dst}\n{report}")

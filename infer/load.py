@@ -136,7 +136,7 @@ def _overrides(src: ModelSource) -> dict[str, Any]:
 
 def resolve(src: ModelSource) -> Resolved:
     """Find the weights and the ModelConfig (with overrides); reads only small files."""
-    from pipeline.weights import import_videollama_checkpoint, infer_config
+    from pipeline.weights import videollama_checkpoint_config
 
     weights, run_dir = locate(src.checkpoint)
     if weights.is_dir():
@@ -145,7 +145,7 @@ def resolve(src: ModelSource) -> Resolved:
         base = preset(src.preset)
     else:
         try:
-            base = infer_config(import_videollama_checkpoint(weights)[0])
+            base = videollama_checkpoint_config(weights)
         except (WeightsError, RuntimeError, OSError) as e:
             raise CheckpointError(f"checkpoint {str(weights)!r} cannot be read: {e}") from None
     try:

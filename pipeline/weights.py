@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,9 @@ from pipeline.model import ModelConfig, VideoLLaMA, vit_g
 TRAINABLE_FILE = "trainable.safetensors"
 CONFIG_FILE = "model.yaml"
 EXPORT_FORMAT = "videollama-pipeline/trainable-v1"
+# Key of a ``.pth`` written by this project holding the ModelConfig (plain data, loads with
+# weights_only): the shapes alone cannot tell a tiny model's heads or LLM apart from the original's.
+PTH_MODEL_CONFIG = "videollama_pipeline_model_config"
 
 
 class WeightsError(ValueError):
@@ -61,8 +67,33 @@ class LoadReport:
 
 
 def torch_load(path: str | Path) -> dict:
-    """``torch.load`` restricted to tensors and plain containers: a checkpoint cannot run code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load`` restricted to tensors and plain containers: a checkpoint cannot run code.
+
+    A file that needs more (a pickled object, possibly hostile) or is not a torch file at all is one
+    ``WeightsError`` line; torch's own message is not passed on, because it advises ``weights_only=False``,
+    which would run whatever code the file carries.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's remarks on the pickle protocol of a file we may refuse
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"{path} is not loadable safely: it holds Python objects other than tensors and plain "
+            "containers (refused: loading them could run code); it is not a Video-LLaMA/LAVIS checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise WeightsError(
+            f"{path} is not a Video-LLaMA/LAVIS checkpoint: not a readable PyTorch file ({type(e).__name__})"
+        ) from None
+
+
+def _state_dict_of(ckpt: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """``{"model": state_dict, ...}`` (LAVIS / Video-LLaMA) or a bare state dict, else one clear error."""
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} is not a Video-LLaMA/LAVIS checkpoint: it holds no state dict of tensors")
+    return sd
 
 
 # ---- key renaming ----------------------------------------------------------------------------------
@@ -199,10 +230,9 @@ def lavis_encoder(
     eva_path: str | Path, blip2_path: str | Path, num_layers: int
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The original LAVIS files: ``eva_vit_g.pth`` (raw EVA) and ``blip2_pretrained_*.pth`` (``model``)."""
-    vision, report = eva_to_hf(torch_load(eva_path), num_layers)
+    vision, report = eva_to_hf(_state_dict_of(torch_load(eva_path), eva_path), num_layers)
     out = {"visual_encoder." + k: v for k, v in vision.items()}
-    blip2 = torch_load(blip2_path)
-    for key, value in blip2.get("model", blip2).items():
+    for key, value in _state_dict_of(torch_load(blip2_path), blip2_path).items():
         if key.startswith("ln_vision."):
             out["visual_encoder.post_layernorm." + key.removeprefix("ln_vision.")] = value
         elif key == "query_tokens":
@@ -327,16 +357,29 @@ def infer_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
     )
 
 
+def _carried_config(ckpt: object) -> ModelConfig | None:
+    """The ModelConfig a ``.pth`` written by :func:`to_videollama_checkpoint` carries (released ones do not)."""
+    values = ckpt.get(PTH_MODEL_CONFIG) if isinstance(ckpt, dict) else None
+    return load_config(ModelConfig, values=values) if isinstance(values, dict) else None
+
+
+def videollama_checkpoint_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a ``.pth``: the one it carries, else inferred from its tensor shapes."""
+    ckpt = torch_load(path)
+    return _carried_config(ckpt) or infer_config(videollama_to_ours(_state_dict_of(ckpt, path))[0])
+
+
 def import_videollama_checkpoint(
     path: str | Path, cfg: ModelConfig | None = None
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """A released Video-LLaMA ``.pth`` -> (trainable state dict in our names, report).
 
-    Checked against ``cfg`` (default: inferred from the shapes); a 7B/13B mix-up raises WeightsError.
+    Checked against ``cfg`` (default: the config the file carries, else inferred from the shapes); a
+    7B/13B mix-up raises WeightsError.
     """
     ckpt = torch_load(path)
-    sd, report = videollama_to_ours(ckpt.get("model", ckpt))
-    expected = trainable_shapes(cfg or infer_config(sd))
+    sd, report = videollama_to_ours(_state_dict_of(ckpt, path))
+    expected = trainable_shapes(cfg or _carried_config(ckpt) or infer_config(sd))
     check_shapes(sd, expected, str(path))
     report.missing = [k for k in expected if k not in sd]
     report.unexpected += [k for k in sd if k not in expected]
@@ -345,11 +388,18 @@ def import_videollama_checkpoint(
     return sd, report
 
 
-def to_videollama_checkpoint(sd: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write our trainable weights as a checkpoint the original code loads (``{"model": ...}``)."""
+def to_videollama_checkpoint(
+    sd: dict[str, torch.Tensor], path: str | Path, cfg: ModelConfig | None = None
+) -> Path:
+    """Write our trainable weights as a checkpoint the original code loads (``{"model": ...}``), with
+    ``cfg`` as plain data under PTH_MODEL_CONFIG so converting it back needs no guess from shapes (the
+    original ignores keys it does not know)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": ours_to_videollama({k: v.detach().cpu() for k, v in sd.items()})}, path)
+    ckpt: dict = {"model": ours_to_videollama({k: v.detach().cpu() for k, v in sd.items()})}
+    if cfg is not None:
+        ckpt[PTH_MODEL_CONFIG] = dataclasses.asdict(cfg)
+    torch.save(ckpt, path)
     return path
 
 
@@ -395,12 +445,11 @@ def convert(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None) ->
     -> Video-LLaMA ``.pth``; the direction follows what SRC is."""
     src = Path(src)
     if src.is_dir():
-        sd, _ = load_trainable(src)
-        to_videollama_checkpoint(sd, dst)
+        sd, export_cfg = load_trainable(src)
+        to_videollama_checkpoint(sd, dst, export_cfg)
         return LoadReport(loaded=sorted(sd))
     sd, report = import_videollama_checkpoint(src, cfg)
     if report.missing:
         raise WeightsError(f"{src} lacks trainable tensors:\n{report}")
-    cfg = cfg or infer_config(sd)
-    export_trainable(sd, cfg, dst)
+    export_trainable(sd, cfg or videollama_checkpoint_config(src), dst)
     return report

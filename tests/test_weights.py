@@ -371,3 +371,77 @@ def test_export_of_a_model_with_llm_checkpointing(tmp_path):
     export_trainable(model, cfg, tmp_path / "exp")
     sd, back = load_trainable(tmp_path / "exp")
     assert back.llm_gradient_checkpointing and torch.equal(sd["llama_proj.weight"], model.llama_proj.weight)
+
+
+def _convert_cli(*args):
+    from click.testing import CliRunner
+
+    import cli
+
+    r = CliRunner().invoke(cli.main, ["convert", *map(str, args)])
+    r.returncode = r.exit_code
+    return r
+
+
+def test_tiny_export_to_pth_and_back_keeps_the_preset(tmp_path):
+    """export -> .pth -> export for the tiny preset: the .pth carries the ModelConfig; a .pth without it
+    (as released files are) converts with --preset."""
+    torch.manual_seed(0)
+    model = VideoLLaMA(tiny())
+    export_trainable(model, tiny(), tmp_path / "a")
+    r = _convert_cli(tmp_path / "a", tmp_path / "tiny.pth")
+    assert r.returncode == 0, r.stderr
+    r = _convert_cli(tmp_path / "tiny.pth", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    sd_a, cfg_a = load_trainable(tmp_path / "a")
+    sd_b, cfg_b = load_trainable(tmp_path / "b")
+    assert cfg_b == cfg_a == tiny()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    bare = tmp_path / "bare.pth"  # the original's layout: {"model": ...} only
+    torch.save({"model": torch_load(tmp_path / "tiny.pth")["model"]}, bare)
+    r = _convert_cli(bare, tmp_path / "c", "--preset", "tiny")
+    assert r.returncode == 0, r.stderr
+    sd_c, cfg_c = load_trainable(tmp_path / "c")
+    assert cfg_c == tiny() and all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_or_garbage_pth_is_one_line_and_never_advises_unsafe_loading(tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(2, 2)}, "x": _Payload(str(marker))}, hostile)
+    raw_pickle = tmp_path / "raw_pickle.pth"
+    raw_pickle.write_bytes(pickle.dumps(_Payload(str(marker))))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(4096))
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    not_sd = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_sd)
+    cases = {
+        hostile: "not loadable safely",
+        raw_pickle: "not loadable safely",
+        garbage: "not a Video-LLaMA/LAVIS checkpoint",
+        empty: "not a Video-LLaMA/LAVIS checkpoint",
+        not_sd: "not a Video-LLaMA/LAVIS checkpoint",
+    }
+    for path, says in cases.items():
+        r = _convert_cli(path, tmp_path / "out")
+        err = r.stderr.strip()
+        assert r.returncode == 1 and err.startswith(f"Error: {path}") and says in err, (path, err)
+        assert len(err.splitlines()) == 1 and "weights_only" not in err and "Traceback" not in err
+        with pytest.raises(WeightsError, match=says):
+            import_videollama_checkpoint(path)
+    assert not marker.exists()
