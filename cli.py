@@ -239,11 +239,13 @@ def _infer_errors():
 @click.option("--num-frames", type=int, help="frames sampled per video, uniformly [8]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines {video, caption}")
 def caption(checkpoint, videos, as_json, **flags) -> None:
-    """Caption VIDEOS with CHECKPOINT: one line per video, in order.
+    """Caption VIDEOS with CHECKPOINT: one line per readable video, in order.
 
     CHECKPOINT is a training run directory (its newest export), a trainable export directory or a
     released Video-LLaMA .pth. Extra args of the form key=value override config keys, e.g.
-    generation.stop='[]' model.config.llm_dtype=float32.
+    generation.stop='[]' model.config.llm_dtype=float32. A video that cannot be read is named on
+    stderr with its reason (with --json also as {video, reason, error}); the others are still captioned
+    and the exit status is 1.
     """
     from infer.caption import CaptionConfig, run
 
@@ -255,7 +257,14 @@ def caption(checkpoint, videos, as_json, **flags) -> None:
     except _infer_errors() as e:
         _fail(e)
     for r in results:
-        click.echo(json.dumps(r) if as_json else r["caption"].replace("\n", " "))
+        if "error" in r:
+            click.echo(f"Error: {r['error']}", err=True)
+        if as_json:
+            click.echo(json.dumps(r))
+        elif "caption" in r:
+            click.echo(r["caption"].replace("\n", " "))
+    if failed := sum("error" in r for r in results):
+        _fail(f"{failed} of {len(results)} videos could not be captioned")
 
 
 @main.command()

@@ -27,7 +27,12 @@ from preprocess.decode import DecodeFailure, SamplingSpec, decode_clip
 
 
 class VideoError(ValueError):
-    """A video that cannot be read; the message names the file and the reason."""
+    """A video that cannot be read; the message names the file and the reason (``reason``: a short
+    machine-readable word, as in the preprocessing index: missing_file, not_a_file, decode_error, ...)."""
+
+    def __init__(self, message: str, reason: str = "decode_error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -48,13 +53,17 @@ class CaptionConfig:
 def read_video(path: str | Path, num_frames: int, size: int, sampling: str = "uniform") -> dict[str, Any]:
     """Decoded frames ``[T,size,size,3]`` uint8 + timestamps, or VideoError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise VideoError(f"video {str(path)!r} is a directory, not a video file", "not_a_file")
     if not path.is_file():
-        raise VideoError(f"video {str(path)!r} does not exist")
+        raise VideoError(f"video {str(path)!r} does not exist", "missing_file")
     spec = SamplingSpec(num_frames=num_frames, sampling=sampling, size=size, min_frames=num_frames)
     try:
         return decode_clip({"path": str(path)}, spec, seed=[0, 0])
     except DecodeFailure as e:
-        raise VideoError(f"video {str(path)!r} cannot be decoded ({e.reason}): {e.message}") from None
+        raise VideoError(
+            f"video {str(path)!r} cannot be decoded ({e.reason}): {e.message}", e.reason
+        ) from None
 
 
 @torch.no_grad()
@@ -75,16 +84,34 @@ def caption_features(
     return generate_batched(loaded.model, loaded.tokenizer, features, prompts, gen)
 
 
+def _read_all(cfg: CaptionConfig, size: int) -> dict[str, dict[str, Any] | VideoError]:
+    """Each video's decoded clip, or the VideoError saying why it cannot be used."""
+    clips: dict[str, dict[str, Any] | VideoError] = {}
+    for video in cfg.videos:
+        try:
+            clips[video] = read_video(video, cfg.num_frames, size, cfg.sampling)
+        except VideoError as e:
+            clips[video] = e
+    return clips
+
+
 def run(cfg: CaptionConfig) -> list[dict[str, str]]:
-    """``[{"video", "caption"}]`` in the order given. Every video is decoded before the model loads, so a
-    bad file fails fast."""
+    """One entry per video, in the order given: ``{"video", "caption"}``, or ``{"video", "reason",
+    "error"}`` for a file that cannot be read. Every video is decoded before the model loads, so one bad
+    file costs nothing and the others are still captioned (the CLI then exits non-zero)."""
     resolved = resolve(cfg.model)
-    size = resolved.mcfg.image_size
-    clips = [read_video(v, cfg.num_frames, size, cfg.sampling) for v in cfg.videos]
-    loaded = load(cfg.model, resolved)
-    captions, step = [], cfg.generation.batch_size
-    for i in range(0, len(clips), step):
-        chunk = clips[i : i + step]
+    clips = _read_all(cfg, resolved.mcfg.image_size)
+    good = [v for v, c in clips.items() if not isinstance(c, VideoError)]
+    captions, step = {}, cfg.generation.batch_size
+    loaded = load(cfg.model, resolved) if good else None
+    for i in range(0, len(good), step):
+        chunk = [clips[v] for v in good[i : i + step]]
         feats = features_of(loaded, [c["frames"] for c in chunk])
-        captions += caption_features(loaded, feats, cfg.generation, [c["timestamps"] for c in chunk])
-    return [{"video": v, "caption": c} for v, c in zip(cfg.videos, captions, strict=True)]
+        texts = caption_features(loaded, feats, cfg.generation, [c["timestamps"] for c in chunk])
+        captions.update(zip(good[i : i + step], texts, strict=True))
+    return [
+        {"video": v, "caption": captions[v]}
+        if v in captions
+        else {"video": v, "reason": clips[v].reason, "error": str(clips[v])}
+        for v in cfg.videos
+    ]

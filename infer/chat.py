@@ -39,17 +39,23 @@ def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     resolved = resolve(cfg.model)
     clip = read_video(cfg.video, cfg.num_frames, resolved.mcfg.image_size)
+    interactive = stdin.isatty()
+    first = None if interactive else stdin.readline().strip()  # piped: know before loading the model
+    if first == "":
+        raise ConfigError(
+            "chat: no question on stdin (give one question per line, e.g. printf 'What happens?\\n' | "
+            "python cli.py chat CHECKPOINT VIDEO)"
+        )
     loaded = load(cfg.model, resolved)
     features = features_of(loaded, [clip["frames"]])
     n = loaded.model.cfg.num_video_query_tokens
-    interactive = stdin.isatty()
     history: list[tuple[str, str]] = []
     while True:
         if interactive:
             stdout.write("USER: ")
             stdout.flush()
-        line = stdin.readline()
-        question = line.strip()
+        question = first if first else stdin.readline().strip()
+        first = None
         if not question:  # empty line or EOF
             break
         spec = PromptSpec(cfg.generation.template, question, history)

@@ -182,6 +182,36 @@ def test_greedy_caption_is_deterministic_and_equals_batch_captioning(data, run_d
     assert from_pth.stdout.strip() == caption
 
 
+def test_caption_of_several_files_captions_the_readable_ones_and_names_the_bad(data, run_dir, tmp_path):
+    """caption a.mp4 bad.mp4 DIR b.mp4 missing.mp4: every readable file captioned (as when captioned
+    alone), every other named with its reason, exit status 1."""
+    good_a, good_b = str(data["videos"] / "10001.mp4"), str(data["videos"] / "10003.mp4")
+    bad, missing = str(data["videos"] / "truncated.mp4"), str(tmp_path / "missing.mp4")
+    folder = tmp_path / "a_folder.mp4"
+    folder.mkdir()
+    gen = ["--greedy", "--max-new-tokens", "6"]
+    alone = _cli("caption", str(run_dir), good_a, good_b, *gen)
+    assert alone.exit_code == 0, alone.output
+    r = _cli("caption", str(run_dir), good_a, bad, str(folder), good_b, missing, *gen, "--json")
+    assert r.exit_code == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["video"] for row in rows] == [good_a, bad, str(folder), good_b, missing]
+    assert [row["caption"] for row in rows if "caption" in row] == alone.stdout.splitlines()
+    assert [row.get("reason") for row in rows] == [None, "decode_error", "not_a_file", None, "missing_file"]
+    errors = r.stderr.splitlines()
+    assert len(errors) == 4 and "is a directory, not a video file" in errors[1]
+    assert all(e.startswith("Error: ") for e in errors) and "3 of 5 videos" in errors[-1]
+    assert all(path in r.stderr for path in (bad, str(folder), missing))
+    plain = _cli("caption", str(run_dir), good_a, str(folder), *gen)
+    assert plain.exit_code == 1 and plain.stdout.splitlines() == alone.stdout.splitlines()[:1]
+
+
+def test_chat_with_empty_stdin_says_so(data, run_dir):
+    r = _cli("chat", str(run_dir), str(data["videos"] / "10001.mp4"), "--greedy", input="")
+    assert r.exit_code == 1 and "Error: chat: no question on stdin" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
 def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path):
     out = tmp_path / "captions.jsonl"
     cfg = BatchCaptionConfig(
