@@ -78,7 +78,7 @@ def make_sample(
     "--sampling", type=click.Choice(["uniform", "headtail", "random"]), help="frame sampler [uniform]"
 )
 @click.option("--seed", type=int, help="seed of the random samplers [0]")
-@click.option("--size", type=int, help="frame size in pixels [224]")
+@click.option("--size", type=int, help="frame size in pixels [224; with --cache-features the encoder's]")
 @click.option(
     "--resize", type=click.Choice(["squash", "center_crop"]), help="squash (original) or keep aspect + crop"
 )
@@ -322,7 +322,7 @@ def caption_shards(checkpoint, shards, overrides, input_kind, **flags) -> None:
 @click.argument("shards")
 @_model_options
 @_generation_options
-@click.option("--metrics", is_flag=True, default=None, help="also generate captions: BLEU, chrF, CIDEr")
+@click.option("--metrics", is_flag=True, default=None, help="also generate captions: exact match, BLEU, chrF, CIDEr")
 @click.option("--max-samples", type=int, help="only the first N clips")
 @click.option("--predictions", help="write {key, reference, prediction} JSONL here (with --metrics)")
 @click.option("--track", help="training run directory: log eval/* into its MLflow run")

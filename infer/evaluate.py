@@ -7,7 +7,8 @@
 * Loss: the stage-1 training loss (``[BOS] <video> caption\\n``, at most ``max_caption_tokens``) summed
   over every caption token of the shard set and divided by their number; perplexity = exp(loss).
 * Metrics (``--metrics``): captions generated with greedy decoding (default) for each clip, scored
-  against the shard's caption with sacrebleu (corpus BLEU-4 and chrF) and pycocoevalcap's CIDEr-D
+  against the shard's caption: exact match (the fraction of cleaned captions equal to the reference),
+  sacrebleu (corpus BLEU-4 and chrF) and pycocoevalcap's CIDEr-D
   scorer (pure Python; its Java PTB tokenizer is not used: both sides are cleaned like the training
   captions, i.e. lower-case with punctuation removed). CIDEr needs many clips to mean anything (its IDF
   comes from the references).
@@ -142,7 +143,11 @@ def caption_nll(model, tokenizer, batch: list[dict[str, Any]], kind: str, max_ca
 
 
 def caption_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU-4 and chrF (sacrebleu) and CIDEr-D (pycocoevalcap), one reference per clip."""
+    """Corpus BLEU-4 and chrF (sacrebleu), CIDEr-D (pycocoevalcap) and exact match, one reference per clip.
+
+    Exact match is the fraction of clips whose caption equals the reference string: on a corpus whose
+    captions are facts (the grounded sample), it is the accuracy that n-gram overlap blurs.
+    """
     import sacrebleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -153,7 +158,8 @@ def caption_metrics(predictions: list[str], references: list[str]) -> dict[str, 
     gts = {i: [r] for i, r in enumerate(references)}
     res = {i: [p] for i, p in enumerate(predictions)}
     cider, _ = Cider().compute_score(gts, res)
-    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "cider": float(cider)}
+    exact = sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "cider": float(cider), "exact_match": exact}
 
 
 def _clean(text: str) -> str:

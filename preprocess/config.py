@@ -48,6 +48,9 @@ class FeatureCacheConfig:
         return cfg
 
 
+DEFAULT_SIZE = 224  # the original's frame size (EVA ViT-g/14), used when no encoder says otherwise
+
+
 @dataclass
 class PreprocessConfig:
     # input: WebVid CSV/TSV annotations + videos folder, or a folder of WebDataset tars of videos
@@ -64,7 +67,7 @@ class PreprocessConfig:
     num_frames: int = 8
     sampling: Literal["uniform", "headtail", "random"] = "uniform"
     seed: int = 0
-    size: int = 224
+    size: int | None = None  # pixels; default: the encoder's image size with --cache-features, else 224
     resize: Literal["squash", "center_crop"] = "squash"
     min_frames: int | None = None  # clips with fewer frames fail as too_short (default: num_frames)
     views: int = 1  # sampler draws per clip (e.g. 4 headtail views keep the original's augmentation)
@@ -80,6 +83,12 @@ class PreprocessConfig:
     object_store_mb: int | None = None
     limit: int | None = None  # only the first N input rows (smoke runs)
     progress_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        """Resolve the default frame size: the one the encoder takes, so ``--cache-features`` needs no
+        ``--size`` (a size given explicitly is checked against the encoder in ``validate``)."""
+        if self.size is None:
+            self.size = self.features.model_config().image_size if self.features.enabled else DEFAULT_SIZE
 
     def validate(self) -> None:
         if not self.output:

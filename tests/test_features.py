@@ -71,6 +71,15 @@ def test_size_must_match_encoder(corpus, tmp_path):
         cache_cfg(corpus, tmp_path / "o", size=32)
 
 
+def test_size_defaults_to_the_encoders_image_size(tmp_path):
+    """Without --size, --cache-features decodes at the encoder's size; without the cache, at 224."""
+    inputs = {"annotations": "a.csv", "videos": "v", "output": str(tmp_path / "o")}
+    cached = load_config(PreprocessConfig, values={**inputs, "features.enabled": True, "features.model": "tiny"})
+    assert cached.size == tiny().image_size == 56
+    assert load_config(PreprocessConfig, values={**inputs, "features.enabled": True}).size == 224
+    assert load_config(PreprocessConfig, values=inputs).size == 224
+
+
 def test_trainer_consumes_the_real_feature_cache(ray_local, tmp_path):
     """Shards from ``--cache-features`` train like the frame shards of the same clips (fp16 cache)."""
     from tests.conftest import build_corpus

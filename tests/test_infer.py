@@ -136,7 +136,10 @@ def test_metrics_are_the_libraries_numbers():
     assert got["chrf"] == sacrebleu.corpus_chrf(hyp, [ref]).score == pytest.approx(55.5287742834193)
     cider = Cider().compute_score({i: [r] for i, r in enumerate(ref)}, {i: [h] for i, h in enumerate(hyp)})[0]
     assert got["cider"] == cider == pytest.approx(5.03235836848398)
+    assert got["exact_match"] == 0.0
     assert caption_metrics(ref, ref)["bleu"] == pytest.approx(100.0)
+    assert caption_metrics(ref, ref)["exact_match"] == 1.0
+    assert caption_metrics([ref[0], hyp[1], ref[2], "x"], [*ref, "y"])["exact_match"] == 0.5
 
 
 # ---- from a trained checkpoint -----------------------------------------------------------------
@@ -263,6 +266,9 @@ def test_evaluate_matches_training_validation_and_logs_to_mlflow(data, run_dir, 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     history = client.get_metric_history(got["mlflow_run_id"], "eval/loss")
     assert [m.step for m in history] == [10, 20, 30, 30] and history[-1].value == pytest.approx(got["loss"])
+    exact = client.get_metric_history(got["mlflow_run_id"], "eval/exact_match")
+    assert [(m.step, m.value) for m in exact] == [(STEPS, got["exact_match"])]
+    assert got["exact_match"] == sum(p["prediction"] == p["reference"] for p in preds) / 6
     assert client.get_run(got["mlflow_run_id"]).info.status == "FINISHED"
 
 

@@ -68,7 +68,7 @@ class EvalConfig:
     max_samples: int | None = None  # the first N clips of the shard set
     batch_size: int = 8
     max_caption_tokens: int = 32
-    metrics: bool = False  # also greedy captions scored with BLEU / chrF / CIDEr (slower)
+    metrics: bool = False  # also greedy captions scored with exact match / BLEU / chrF / CIDEr (slower)
     max_new_tokens: int = 48
 
 
