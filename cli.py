@@ -9,6 +9,7 @@ python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vic
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
 python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
+python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy acc.json]
 """
 
 from __future__ import annotations
@@ -322,7 +323,9 @@ def caption_shards(checkpoint, shards, overrides, input_kind, **flags) -> None:
 @click.argument("shards")
 @_model_options
 @_generation_options
-@click.option("--metrics", is_flag=True, default=None, help="also generate captions: exact match, BLEU, chrF, CIDEr")
+@click.option(
+    "--metrics", is_flag=True, default=None, help="also generate captions: exact match, BLEU, chrF, CIDEr"
+)
 @click.option("--max-samples", type=int, help="only the first N clips")
 @click.option("--predictions", help="write {key, reference, prediction} JSONL here (with --metrics)")
 @click.option("--track", help="training run directory: log eval/* into its MLflow run")
@@ -338,6 +341,30 @@ def evaluate(checkpoint, shards, overrides, **flags) -> None:
     except _infer_errors() as e:
         _fail(e)
     click.echo(json.dumps(result))
+
+
+@main.command()
+@click.argument("run_dir")
+@click.argument("shards")
+@click.option(
+    "--captions", required=True, help="JSONL of generated captions (caption-shards or --predictions)"
+)
+@click.option("--accuracy", help='JSON tables {"table": {"row": {"column": fraction}}} (accuracy, ablations)')
+@click.option("--output", help="folder for report.html and report.png [RUN_DIR/report]")
+@click.option("--title", help="page title")
+@click.option("--max-clips", type=int, help="clips on the contact sheet [16]")
+@click.option("--track/--no-track", default=None, help="log both files to the run's MLflow run [track]")
+@click.argument("overrides", nargs=-1)
+def report(run_dir, shards, overrides, **flags) -> None:
+    """HTML + PNG report of a run: contact sheet of SHARDS' clips (reference vs generated), tables, loss."""
+    from infer.report import ReportConfig, run
+
+    values = {"run": run_dir, "shards": shards, **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        paths = run(load_config(ReportConfig, None, list(overrides), values=values))
+    except ConfigError as e:
+        _fail(e)
+    click.echo(f"report: {paths['html']}\n        {paths['png']}  ({paths['clips']} clips)")
 
 
 if __name__ == "__main__":

@@ -220,15 +220,12 @@ def summarize(nll: float, tokens: int, preds: list[dict[str, Any]], samples: int
 
 def _log_to_run(cfg: EvaluateConfig, metrics: dict[str, float], step: int) -> str:
     """Into the training run's MLflow run (its status is left as it was)."""
-    from pipeline.tracking import MlflowTracker
+    from pipeline.tracking import attached
 
-    run_dir = Path(cfg.track)
-    if not run_dir.is_dir():
+    if not Path(cfg.track).is_dir():
         raise ConfigError(f"track: run directory {cfg.track!r} does not exist")
-    tracker = MlflowTracker(run_dir, "videollama-eval", cfg.tracking_uri)
-    before = tracker.client.get_run(tracker.run_id).info.status if tracker.resumed else "FINISHED"
-    tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-    tracker.close(before if before != "RUNNING" else "FINISHED")
+    with attached(cfg.track, "videollama-eval", cfg.tracking_uri) as tracker:
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
     return tracker.run_id
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,18 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+@contextmanager
+def attached(run_dir: str | Path, experiment: str, uri: str | None = None) -> Iterator[MlflowTracker]:
+    """The MLflow run of ``run_dir`` (created when the run has none), for logging after its training
+    ended (evaluation scores, report files); its status is left as it was."""
+    tracker = MlflowTracker(run_dir, experiment, uri)
+    before = tracker.client.get_run(tracker.run_id).info.status if tracker.resumed else "FINISHED"
+    try:
+        yield tracker
+    finally:
+        tracker.close(before if before != "RUNNING" else "FINISHED")
 
 
 def make_tracker(is_main: bool, enabled: bool, run_dir, experiment: str, uri=None, run_name=None):

@@ -74,7 +74,9 @@ def test_size_must_match_encoder(corpus, tmp_path):
 def test_size_defaults_to_the_encoders_image_size(tmp_path):
     """Without --size, --cache-features decodes at the encoder's size; without the cache, at 224."""
     inputs = {"annotations": "a.csv", "videos": "v", "output": str(tmp_path / "o")}
-    cached = load_config(PreprocessConfig, values={**inputs, "features.enabled": True, "features.model": "tiny"})
+    cached = load_config(
+        PreprocessConfig, values={**inputs, "features.enabled": True, "features.model": "tiny"}
+    )
     assert cached.size == tiny().image_size == 56
     assert load_config(PreprocessConfig, values={**inputs, "features.enabled": True}).size == 224
     assert load_config(PreprocessConfig, values=inputs).size == 224

@@ -1,0 +1,125 @@
+"""The run report: a shard set, captions and metrics made in the test -> HTML + PNG, read back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+from infer.report import ReportConfig, build_report, loss_points, run
+from pipeline.config import ConfigError
+from pipeline.shards import ShardWriter, shard_name
+
+# one solid colour per clip, so the contact sheet can be checked pixel by pixel
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+REFERENCES = ["a red square moves left", "a green circle moves up", "a blue triangle moves right"]
+REFERENCES += ["a yellow square moves down", "a cyan circle moves left"]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):  # clips 0-2 in the first shard, 3-4 in the second
+        w = ShardWriter(shards / shard_name(s, "webdataset"), "webdataset")
+        for i in range(3 * s, min(3 * s + 3, 5)):
+            frames = np.empty((8, 16, 16, 3), dtype=np.uint8)
+            frames[:] = COLOURS[i]
+            w.write(
+                {"key": f"{i:09d}", "caption": REFERENCES[i], "meta": {"videoid": f"v{i}"}, "frames": frames}
+            )
+        w.commit()
+    preds = [
+        REFERENCES[0],
+        "a red circle moves up",
+        REFERENCES[2],
+        "a <b>bold</b> & wrong caption",
+        REFERENCES[4],
+    ]
+    captions = tmp_path / "captions.jsonl"
+    rows = [{"key": f"{i:09d}", "caption": p} for i, p in enumerate(preds)] + [
+        {"key": "elsewhere", "caption": "x"}
+    ]
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "half-writ')
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    losses = [{"step": s, "loss": 5.0 / s} for s in range(1, 21)] + [{"step": 20, "loss": 0.2}]  # resumed
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
+    tables = {"held-out accuracy": {"captions": {"colour": 0.98, "shape": 0.8}, "shuffled": {"colour": 0.2}}}
+    (tmp_path / "acc.json").write_text(json.dumps(tables))
+    return {"shards": shards, "captions": captions, "run": run_dir, "accuracy": tmp_path / "acc.json"}
+
+
+def _images(page: str) -> list[Image.Image]:
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    return [Image.open(io.BytesIO(base64.b64decode(u))) for u in uris]
+
+
+def test_report_html_and_png_hold_every_clip_table_and_the_loss_curve(inputs):
+    from mlflow.tracking import MlflowClient
+
+    cfg = ReportConfig(
+        run=str(inputs["run"]),
+        shards=str(inputs["shards"]),
+        captions=str(inputs["captions"]),
+        accuracy=str(inputs["accuracy"]),
+        frames_per_clip=4,
+    )
+    paths = run(cfg)
+    page = Path(paths["html"]).read_text()
+    assert paths["clips"] == "5" and page.count('<tr class="clip">') == 5
+    assert 'src="http' not in page and "<link" not in page  # self-contained
+    images = _images(page)
+    assert len(images) == 6  # the loss curve + one strip per clip
+    strips = images[1:]
+    for colour, strip in zip(COLOURS, strips, strict=True):
+        assert strip.size == (4 * 96, 96)  # 4 frames of 16 px scaled to 96 px
+        assert set(strip.getdata()) == {colour}
+    assert "3/5 generated captions equal the reference" in page
+    assert page.count("&#10003;") == 3 and page.count("&#10007;") == 2
+    assert "a &lt;b&gt;bold&lt;/b&gt; &amp; wrong caption" in page and "<b>bold" not in page
+    assert "98.0 %" in page and "80.0 %" in page and "20.0 %" in page and "shuffled" in page
+
+    png = np.asarray(Image.open(paths["png"]).convert("RGB"))
+    for colour in COLOURS:
+        assert np.all(png == colour, axis=-1).sum() >= 4 * 96 * 96  # each clip's strip is on the sheet
+
+    client = MlflowClient(f"sqlite:///{inputs['run'] / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(paths["mlflow_run_id"], "report")}
+    assert names == {"report/report.html", "report/report.png"}
+    assert client.get_run(paths["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_loss_curve_takes_the_last_line_of_each_step(inputs):
+    points = loss_points(inputs["run"] / "metrics.jsonl")
+    assert [s for s, _ in points] == list(range(1, 21))
+    assert points[0] == (1, 5.0) and points[-1] == (20, 0.2)
+
+
+def test_max_clips_and_missing_inputs(inputs, tmp_path):
+    out = build_report(tmp_path / "r", inputs["shards"], inputs["captions"], max_clips=2)
+    assert out["clips"] == "2" and Path(out["html"]).read_text().count('<tr class="clip">') == 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_report(tmp_path / "r", inputs["shards"], tmp_path / "none.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"key": "nothing", "caption": "x"}\n')
+    with pytest.raises(ConfigError, match="no clip"):
+        build_report(tmp_path / "r", inputs["shards"], empty)
+
+
+def test_cli_report_prints_both_paths(inputs):
+    args = ["report", str(inputs["run"]), str(inputs["shards"]), "--captions", str(inputs["captions"])]
+    result = CliRunner().invoke(cli.main, [*args, "--no-track"])
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.output and "report.png" in result.output and "(5 clips)" in result.output
+    assert not (inputs["run"] / "mlflow.db").exists()
+    bad = CliRunner().invoke(cli.main, [*args[:3], "--captions", "nope.jsonl"])
+    assert bad.exit_code == 1 and "captions: 'nope.jsonl' does not exist" in bad.output
