@@ -2,7 +2,7 @@
 
 python cli.py make-sample --output data/webvid_sample --clips 16
 python cli.py preprocess --annotations A --videos V --output OUT [--format arrow] [key=value ...]
-python cli.py preprocess --config configs/preprocess.yaml output=OUT
+python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
@@ -20,7 +20,7 @@ import sys
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, WeightPaths, load_config
 
 
 def _fail(e: Exception) -> None:
@@ -195,7 +195,7 @@ def _generation_options(f):
     return f
 
 
-_MODEL_FLAGS = ("llm_path", "blip2_path", "eva_vit_path", "qformer_lavis_path", "tokenizer", "preset", "seed")
+_MODEL_FLAGS = ("llm_path", *WeightPaths().weight_paths(), "tokenizer", "preset", "seed")
 _GEN_FLAGS = {
     "prompt": "prompt",
     "template": "template",

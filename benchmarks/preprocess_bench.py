@@ -144,7 +144,7 @@ def job(
             worker, decoder = 0.0, 0.0
             for p in psutil.process_iter(["cmdline", "memory_info"]):
                 cmd = " ".join(p.info["cmdline"] or [])
-                if "preprocess.decode" in cmd:
+                if "pipeline.video" in cmd:
                     decoder += p.info["memory_info"].rss
                 elif "ray::" in cmd or "default_worker" in cmd:
                     worker += p.info["memory_info"].rss

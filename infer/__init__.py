@@ -8,5 +8,6 @@ Each command has a typed config and one ``run`` function (``cli.py`` maps comman
 * ``infer.evaluate`` ``python cli.py evaluate CHECKPOINT SHARDS [--metrics]``
 
 ``infer.load`` turns CHECKPOINT (a training run, a trainable export or a released ``.pth``) into a model;
-``infer.generate`` builds prompts and calls the LLM's ``generate``.
+prompts and generation (``pipeline.generate``) and the scores (``pipeline.evaluation``) are in the core,
+which training's validation shares.
 """

@@ -28,15 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from infer.generate import GenerationConfig
 from infer.load import ModelSource, check_llm, resolve
 from pipeline.config import ConfigError
+from pipeline.generate import GenerationConfig, caption_features
 from pipeline.raycluster import init_ray
-from pipeline.shards import INDEX_FILE, list_shards, read_shard
-
-FRAME_NDIM = {"frames": 4, "features": 3}
+from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
 
 @dataclass
@@ -104,15 +101,12 @@ class ShardCaptioner:
         self.loaded = load(cfg.model)
 
     def _caption(self, samples: list[dict[str, Any]], shard: str) -> dict[str, np.ndarray]:
-        from infer.caption import caption_features, features_of
+        from pipeline.evaluation import model_input
 
-        x = [s[self.kind] if s[self.kind].ndim == FRAME_NDIM[self.kind] else s[self.kind][0] for s in samples]
-        if self.kind == "frames":
-            feats = features_of(self.loaded, x)
-        else:
-            feats = torch.from_numpy(np.stack(x)).float().to(self.loaded.device)
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        feats = model_input(model, samples, self.kind, self.loaded.device)
         stamps = [s["meta"].get("timestamps") for s in samples]
-        captions = caption_features(self.loaded, feats, self.cfg.generation, stamps)
+        captions = caption_features(model, tokenizer, feats, self.cfg.generation, stamps)
         lines = [
             json.dumps({"key": s["key"], "videoid": s["meta"].get("videoid"), "caption": c, "shard": shard})
             for s, c in zip(samples, captions, strict=True)
@@ -123,7 +117,7 @@ class ShardCaptioner:
         x = s.get(self.kind)
         if x is None:
             return f"sample has no {self.kind}"
-        if x.ndim - FRAME_NDIM[self.kind] not in (0, 1):
+        if x.ndim - SAMPLE_NDIM[self.kind] not in (0, 1):
             return f"{self.kind} has shape {list(x.shape)}"
         return None
 
@@ -177,24 +171,13 @@ def _plan(cfg: BatchCaptionConfig, done: dict[str, set[str]]) -> tuple[list[Path
     return todo, info
 
 
-def _input_kind(cfg: BatchCaptionConfig, mcfg) -> str:
-    from train.data import check_shards, first_sample
-
-    sample = first_sample(cfg.shards)
-    if sample is None:
-        raise ConfigError(f"shards: {cfg.shards!r} holds no samples")
-    x = sample.get("features") if sample.get("features") is not None else sample.get("frames")
-    num_frames = x.shape[-3] if sample.get("features") is not None else x.shape[-4]
-    return check_shards(cfg.shards, cfg.input, num_frames, mcfg)
-
-
 def run(cfg: BatchCaptionConfig) -> dict[str, Any]:
     """Caption every sample of ``cfg.shards`` not yet in ``cfg.output``; returns the summary."""
     import ray
 
     resolved = resolve(cfg.model)
     check_llm(resolved.mcfg, resolved.weights)  # here, not as a traceback from inside an actor
-    kind = _input_kind(cfg, resolved.mcfg)
+    kind = inspect_shards(cfg.shards, cfg.input, mcfg=resolved.mcfg, setting="shards").kind
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)

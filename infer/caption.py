@@ -7,7 +7,7 @@ CPU / one GPU (the device is picked automatically; ``model.device=cpu`` forces i
     python cli.py caption videollama-stage2.pth clip.mp4 --llm DIR --blip2 DIR --prompt "What happens?"
 
 Frames are sampled as the original's inference: 8, uniform, decoded straight to the model's image size
-(decord, the same ``decode_clip`` as preprocessing, so a clip gives the same frames here and in shards).
+(decord, the same ``pipeline.video.decode_clip`` as preprocessing, so a clip gives the same frames here and in shards).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from infer.generate import GenerationConfig, generate_batched, prompt_spec
 from infer.load import Loaded, ModelSource, load, resolve
 from pipeline.config import ConfigError
+from pipeline.generate import GenerationConfig, caption_features
 from pipeline.model import clip_from_frames
-from preprocess.decode import DecodeFailure, SamplingSpec, decode_clip
+from pipeline.video import DecodeFailure, SamplingSpec, decode_clip
 
 
 class VideoError(ValueError):
@@ -73,17 +73,6 @@ def features_of(loaded: Loaded, frames: list[np.ndarray] | np.ndarray) -> torch.
     return loaded.model.encode_frames(clip)
 
 
-def caption_features(
-    loaded: Loaded, features: torch.Tensor, gen: GenerationConfig, timestamps: list | None = None
-) -> list[str]:
-    """Captions (or answers to ``gen.prompt``) for a batch of features."""
-    spec = prompt_spec(gen)
-    n = loaded.model.cfg.num_video_query_tokens
-    stamps = timestamps or [None] * len(features)
-    prompts = [spec.build(loaded.tokenizer, n, t) for t in stamps]
-    return generate_batched(loaded.model, loaded.tokenizer, features, prompts, gen)
-
-
 def _read_all(cfg: CaptionConfig, size: int) -> dict[str, dict[str, Any] | VideoError]:
     """Each video's decoded clip, or the VideoError saying why it cannot be used."""
     clips: dict[str, dict[str, Any] | VideoError] = {}
@@ -107,7 +96,9 @@ def run(cfg: CaptionConfig) -> list[dict[str, str]]:
     for i in range(0, len(good), step):
         chunk = [clips[v] for v in good[i : i + step]]
         feats = features_of(loaded, [c["frames"] for c in chunk])
-        texts = caption_features(loaded, feats, cfg.generation, [c["timestamps"] for c in chunk])
+        texts = caption_features(
+            loaded.model, loaded.tokenizer, feats, cfg.generation, [c["timestamps"] for c in chunk]
+        )
         captions.update(zip(good[i : i + step], texts, strict=True))
     return [
         {"video": v, "caption": captions[v]}

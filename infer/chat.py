@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from infer.caption import features_of, read_video
-from infer.generate import GenerationConfig, PromptSpec, generate
 from infer.load import ModelSource, load, resolve
 from pipeline.config import ConfigError
+from pipeline.generate import GenerationConfig, PromptSpec, generate
 
 
 @dataclass

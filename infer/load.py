@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.checkpoint import CHECKPOINTS, COMPLETE, EXPORT
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, WeightPaths, load_config
 from pipeline.model import ModelConfig, VideoLLaMA, preset
-from pipeline.weights import CONFIG_FILE, TRAINABLE_FILE, WeightsError
+from pipeline.prompts import build_tokenizer
+from pipeline.rundir import CHECKPOINTS, COMPLETE, CONFIG, EXPORT, METRICS, MODEL_CONFIG, TRAINABLE_WEIGHTS
+from pipeline.weights import WeightsError
 
 DEFAULT_SEED = 42  # TrainConfig's default seed
 
@@ -36,14 +37,12 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class ModelSource:
-    """Where the weights come from. Every path field overrides the checkpoint's ``model.yaml``."""
+class ModelSource(WeightPaths):
+    """Where the weights come from. Every path field (``llm_path`` and the encoder's WeightPaths)
+    overrides the checkpoint's ``model.yaml``; one encoder source replaces the other."""
 
     checkpoint: str = ""
     llm_path: str | None = None
-    blip2_path: str | None = None
-    eva_vit_path: str | None = None
-    qformer_lavis_path: str | None = None
     tokenizer: str | None = None  # default: the run's tokenizer, else llm_path, else the tiny one
     preset: str | None = None  # base ModelConfig for a .pth (default: inferred from its shapes)
     config: dict[str, Any] = field(default_factory=dict)  # further ModelConfig keys, e.g. llm_dtype
@@ -70,7 +69,7 @@ class Loaded:
 
 
 def _is_export(path: Path) -> bool:
-    return (path / TRAINABLE_FILE).is_file() and (path / CONFIG_FILE).is_file()
+    return (path / TRAINABLE_WEIGHTS).is_file() and (path / MODEL_CONFIG).is_file()
 
 
 def latest_export(run_dir: Path) -> Path | None:
@@ -81,22 +80,22 @@ def latest_export(run_dir: Path) -> Path | None:
         found += [
             p / EXPORT for p in ckpts.glob("step_*") if (p / COMPLETE).is_file() and _is_export(p / EXPORT)
         ]
-    return max(found, key=lambda p: (p / TRAINABLE_FILE).stat().st_mtime_ns, default=None)
+    return max(found, key=lambda p: (p / TRAINABLE_WEIGHTS).stat().st_mtime_ns, default=None)
 
 
 def _step_of(export: Path, run_dir: Path | None) -> int | None:
     if export.parent.name.startswith("step_"):
         return int(export.parent.name.removeprefix("step_"))
-    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():  # RUN/export = the final step
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    if run_dir is not None and (run_dir / METRICS).is_file():  # RUN/export = the final step
+        lines = (run_dir / METRICS).read_text().splitlines()
         return int(json.loads(lines[-1])["step"]) if lines else None
     return None
 
 
 def _run_config(run_dir: Path | None) -> dict[str, Any]:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not (run_dir / CONFIG).is_file():
         return {}
-    return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return yaml.safe_load((run_dir / CONFIG).read_text()) or {}
 
 
 def locate(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -124,14 +123,8 @@ def locate(checkpoint: str | Path) -> tuple[Path, Path | None]:
 
 
 def _overrides(src: ModelSource) -> dict[str, Any]:
-    values = {k: getattr(src, k) for k in ("llm_path", "blip2_path", "eva_vit_path", "qformer_lavis_path")}
-    values = {k: v for k, v in values.items() if v is not None}
-    if "blip2_path" in values:  # one encoder source replaces the other
-        values.setdefault("eva_vit_path", None)
-        values.setdefault("qformer_lavis_path", None)
-    elif "eva_vit_path" in values:
-        values.setdefault("blip2_path", None)
-    return {**values, **src.config}
+    llm = {"llm_path": src.llm_path} if src.llm_path is not None else {}
+    return {**llm, **src.weight_overrides(), **src.config}
 
 
 def resolve(src: ModelSource) -> Resolved:
@@ -140,7 +133,7 @@ def resolve(src: ModelSource) -> Resolved:
 
     weights, run_dir = locate(src.checkpoint)
     if weights.is_dir():
-        base = load_config(ModelConfig, weights / CONFIG_FILE)
+        base = load_config(ModelConfig, weights / MODEL_CONFIG)
     elif src.preset:
         base = preset(src.preset)
     else:
@@ -174,19 +167,6 @@ def check_llm(mcfg: ModelConfig, weights: Path) -> None:
         )
 
 
-def load_tokenizer_for(src: ModelSource, r: Resolved):
-    from pipeline.prompts import load_tokenizer, prepare_tokenizer
-
-    path = src.tokenizer or r.run_config.get("tokenizer") or r.mcfg.llm_path
-    if path:
-        return load_tokenizer(path)
-    from pipeline.tiny import tiny_tokenizer  # a random LLM (tiny preset): the tokenizer it trained with
-
-    tok = tiny_tokenizer()
-    prepare_tokenizer(tok)
-    return tok
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,11 +181,12 @@ def load(src: ModelSource, resolved: Resolved | None = None) -> Loaded:
     check_llm(r.mcfg, r.weights)
     seed = src.seed if src.seed is not None else int(r.run_config.get("seed", DEFAULT_SEED))
     with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the order of train.loop.build_model: same random frozen parts
+        torch.manual_seed(seed)  # as the training run built it: same random frozen parts
         model = VideoLLaMA(r.mcfg)
-    if r.mcfg.blip2_path or r.mcfg.eva_vit_path:
+    if r.mcfg.has_encoder_weights:
         load_frozen_encoder(model)
     load_trainable_weights(model, r.weights)
     device = pick_device(src.device)
     model.to(device).eval()
-    return Loaded(model, load_tokenizer_for(src, r), device, r)
+    tokenizer = build_tokenizer(src.tokenizer or r.run_config.get("tokenizer") or r.mcfg.llm_path)
+    return Loaded(model, tokenizer, device, r)

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.config import ConfigError
+from pipeline.rundir import METRICS, REPORT
 from pipeline.shards import list_shards, read_shard
 
-REPORT_DIR = "report"  # in a run directory
 HTML_FILE = "report.html"
 PNG_FILE = "report.png"
 Tables = dict[str, dict[str, dict[str, float]]]  # table -> row -> column -> fraction
@@ -318,10 +318,10 @@ def run(cfg: ReportConfig) -> dict[str, str]:
     if not run_dir.is_dir():
         raise ConfigError(f"run: directory {cfg.run!r} does not exist")
     paths = build_report(
-        cfg.output or run_dir / REPORT_DIR,
+        cfg.output or run_dir / REPORT,
         cfg.shards,
         cfg.captions,
-        run_dir / "metrics.jsonl",
+        run_dir / METRICS,
         _read_tables(cfg.accuracy),
         title=cfg.title,
         max_clips=cfg.max_clips,
@@ -330,6 +330,6 @@ def run(cfg: ReportConfig) -> dict[str, str]:
     if cfg.track:
         with attached(run_dir, "videollama-report", cfg.tracking_uri) as tracker:
             for key in ("html", "png"):
-                tracker.log_artifact(paths[key], REPORT_DIR)
+                tracker.log_artifact(paths[key], REPORT)
         paths["mlflow_run_id"] = tracker.run_id
     return paths

@@ -24,15 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.distributed import barrier
+from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, checkpoint_tag, train_state_file
 from pipeline.shards import write_json
-
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-EXPORT = "export"
-
-
-def tag(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,11 +82,13 @@ def save(
 ) -> Path:
     """Collective: every rank calls it. ``state`` is this rank's plain-data train state."""
     root = Path(run_dir) / CHECKPOINTS
-    path = root / tag(step)
+    path = root / checkpoint_tag(step)
     path.mkdir(parents=True, exist_ok=True)
     rng = rng_state()
-    write_json({**state, "rng": rng}, path / f"train_state_rank{rank}.json")
-    engine.save_checkpoint(str(root), tag=tag(step), save_latest=False, exclude_frozen_parameters=True)
+    write_json({**state, "rng": rng}, path / train_state_file(rank))
+    engine.save_checkpoint(
+        str(root), tag=checkpoint_tag(step), save_latest=False, exclude_frozen_parameters=True
+    )
     if rank == 0 and export_fn is not None:
         export_fn(path / EXPORT)
     barrier()
@@ -112,7 +107,7 @@ def save(
 def load(engine, path: str | Path, rank: int, world_size: int) -> dict[str, Any]:
     """Restore engine (trainable weights + optimizer) and this rank's RNG; returns its train state."""
     path = Path(path)
-    state_file = path / f"train_state_rank{rank}.json"
+    state_file = path / train_state_file(rank)
     if not state_file.is_file():
         raise RuntimeError(f"{path} has no state for rank {rank}: resume with the same number of processes")
     state = json.loads(state_file.read_text())

@@ -176,3 +176,38 @@ def fingerprint(data: Any) -> str:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclasses.dataclass
+class WeightPaths:
+    """Where the frozen encoder's weights are: a Hugging Face BLIP-2 folder, or the two original LAVIS
+    files (``eva_vit_g.pth`` + ``blip2_pretrained_*.pth``). Mixed into the model's, the feature cache's
+    and inference's configs, so their keys stay flat (``model.blip2_path``, ``features.blip2_path``) and
+    the either/or rule is written once, here. All empty: a random encoder (tests, the demo)."""
+
+    blip2_path: str | None = None
+    eva_vit_path: str | None = None
+    qformer_lavis_path: str | None = None
+
+    def weight_paths(self) -> dict[str, str | None]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(WeightPaths)}
+
+    def check_weight_paths(self, section: str) -> None:
+        if self.blip2_path and (self.eva_vit_path or self.qformer_lavis_path):
+            raise ConfigError(f"{section}: give blip2_path or eva_vit_path+qformer_lavis_path, not both")
+        if bool(self.eva_vit_path) != bool(self.qformer_lavis_path):
+            raise ConfigError(f"{section}: eva_vit_path and qformer_lavis_path go together")
+
+    @property
+    def has_encoder_weights(self) -> bool:
+        return bool(self.blip2_path or self.eva_vit_path)
+
+    def weight_overrides(self) -> dict[str, str | None]:
+        """The paths set here, as overrides of another config's: one encoder source replaces the other."""
+        values = {k: v for k, v in self.weight_paths().items() if v is not None}
+        if "blip2_path" in values:
+            values.setdefault("eva_vit_path", None)
+            values.setdefault("qformer_lavis_path", None)
+        elif "eva_vit_path" in values:
+            values.setdefault("blip2_path", None)
+        return values

@@ -32,7 +32,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from pipeline.config import ConfigError, fingerprint
+from pipeline.config import ConfigError, WeightPaths, fingerprint
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -41,8 +41,11 @@ TRAINABLE = ("video_qformer", "video_query_tokens", "video_frame_position_embedd
 
 
 @dataclass
-class ModelConfig:
-    """Sizes of every part; the defaults are the original model with a 7B LLM (preset ``vit-g-7b``)."""
+class ModelConfig(WeightPaths):
+    """Sizes of every part; the defaults are the original model with a 7B LLM (preset ``vit-g-7b``).
+
+    The frozen-encoder weights (``blip2_path`` or ``eva_vit_path`` + ``qformer_lavis_path``) come from
+    :class:`pipeline.config.WeightPaths`."""
 
     # Frozen vision encoder: EVA ViT-g/14 without its last block, as transformers' Blip2VisionModel.
     image_size: int = 224
@@ -79,10 +82,6 @@ class ModelConfig:
     llm_layers: int = 32
     llm_heads: int = 32
     llm_intermediate_size: int = 11008
-    # Frozen-encoder weights: a Hugging Face BLIP-2 directory, or the two original LAVIS files.
-    blip2_path: str | None = None
-    eva_vit_path: str | None = None
-    qformer_lavis_path: str | None = None
 
     def validate(self) -> None:
         for width, heads, what in (
@@ -97,16 +96,13 @@ class ModelConfig:
             raise ConfigError(f"model.image_size {self.image_size} is not a multiple of patch_size")
         if self.max_frames < 1 or self.num_video_query_tokens < 1 or self.num_query_tokens < 1:
             raise ConfigError("model.max_frames and the query token counts must be >= 1")
-        if self.blip2_path and (self.eva_vit_path or self.qformer_lavis_path):
-            raise ConfigError("model: give blip2_path or eva_vit_path+qformer_lavis_path, not both")
-        if bool(self.eva_vit_path) != bool(self.qformer_lavis_path):
-            raise ConfigError("model: eva_vit_path and qformer_lavis_path go together")
+        self.check_weight_paths("model")
 
     def encoder_fingerprint(self) -> str:
         """Hash of everything that determines cached features, so a cache built differently is refused."""
         keys = [k for k in self.__dataclass_fields__ if k.startswith(("image_", "patch_", "vision_"))]
         keys += ["feature_dim", "qformer_layers", "qformer_heads", "qformer_ffn", "qformer_cross_every"]
-        keys += ["num_query_tokens", "blip2_path", "eva_vit_path", "qformer_lavis_path"]
+        keys += ["num_query_tokens", *self.weight_paths()]
         return fingerprint({k: getattr(self, k) for k in keys})
 
 

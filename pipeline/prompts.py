@@ -58,6 +58,18 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def build_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer from ``path``, or without one (a random LLM, the tiny preset) the tiny
+    tokenizer built in code, which is the one such a model trains with."""
+    if path:
+        return load_tokenizer(path)
+    from pipeline.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
 def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
     if token_id is None or token_id == tokenizer.unk_token_id:

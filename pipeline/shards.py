@@ -23,12 +23,18 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.model import ModelConfig
 
 CONFIG_FILE = "_config.json"
 ENCODER_FILE = "_encoder.json"  # with cached features: the encoder (config + weights hash) that made them
@@ -37,6 +43,9 @@ STAGING_DIR = "_staging"  # frame shards waiting for the feature encoder
 INDEX_FILE = "index.parquet"
 SUMMARY_FILE = "summary.json"
 EXTENSIONS = {"webdataset": ".tar", "arrow": ".arrow"}
+# Rank of one sample's array per input kind: frames [T,H,W,3], features [T,Q,D]; one more = a leading
+# views axis (preprocess --views K).
+SAMPLE_NDIM = {"frames": 4, "features": 3}
 INDEX_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
@@ -207,3 +216,109 @@ def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
             if f"{n}.npy" in s:
                 sample[n] = np.load(io.BytesIO(s[f"{n}.npy"]), allow_pickle=False)
         yield sample
+
+
+def first_view(x: np.ndarray, kind: str) -> np.ndarray:
+    """A sample's ``frames`` / ``features`` without the views axis (the first view when it has several)."""
+    return x if x.ndim == SAMPLE_NDIM[kind] else x[0]
+
+
+# ---- shard sets: what a folder holds, and whether it fits a model --------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """What a shard folder holds, read from its first sample and its config files."""
+
+    folder: Path
+    kind: str  # the input the reader will use: "frames" or "features"
+    num_frames: int  # T per clip
+    encoder: str | None  # "<config fingerprint>-<weights hash>" of the encoder that cached the features
+
+
+def _first_sample(folder: Path) -> dict[str, Any] | None:
+    for path in list_shards(folder):
+        for sample in read_shard(path):
+            return sample
+    return None
+
+
+def _cached_encoder(folder: Path, sample: dict[str, Any]) -> str | None:
+    if (folder / ENCODER_FILE).is_file():
+        return json.loads((folder / ENCODER_FILE).read_text())["encoder"]
+    return sample["meta"].get("encoder")
+
+
+def _hint(t: int) -> str:
+    return " (images are 1-frame clips: give that data.datasets entry num_frames: 1)" if t == 1 else ""
+
+
+def inspect_shards(
+    folder: str | Path,
+    want: str = "auto",
+    num_frames: int | None = None,
+    mcfg: ModelConfig | None = None,
+    key: str = "data.num_frames",
+    setting: str = "data",
+) -> ShardSet:
+    """Describe a shard set and refuse one that does not fit: ``want`` ("auto": features when cached),
+    ``num_frames`` (None: whatever the shards hold) and, with ``mcfg``, the model's image size, feature
+    shape and encoder fingerprint. ``key`` names the setting that gave ``num_frames`` and ``setting`` the
+    one that gave ``folder``, so a message points at what to change."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{setting}: shard folder {str(folder)!r} does not exist")
+    sample = _first_sample(folder)
+    if sample is None:
+        raise ConfigError(f"{setting}: {str(folder)!r} holds no samples")
+    has_features = sample.get("features") is not None
+    kind = ("features" if has_features else "frames") if want == "auto" else want
+    where = f"shards in {str(folder)!r}"
+    if kind == "features" and not has_features:
+        raise ConfigError(f"data.input=features but the {where} hold frames, not cached features")
+    if kind == "frames" and sample.get("frames") is None:
+        raise ConfigError(f"data.input=frames but the {where} hold only cached features")
+    t = sample[kind].shape[-SAMPLE_NDIM[kind]]
+    encoder = _cached_encoder(folder, sample) if kind == "features" else None
+    shards = ShardSet(folder, kind, t, encoder)
+    want_t = t if num_frames is None else num_frames
+    if kind == "frames":
+        written = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+        _check_frames(sample["frames"], written.get("config", {}), want_t, mcfg, key, where)
+    else:
+        _check_features(sample["features"], encoder, want_t, mcfg, key, where)
+    return shards
+
+
+def _check_frames(x: np.ndarray, wcfg: dict[str, Any], num_frames: int, mcfg, key: str, where: str) -> None:
+    t, h, w, c = x.shape[-4:]
+    if t != num_frames or (t > 1 and wcfg.get("num_frames", t) != num_frames):
+        raise ConfigError(f"{key} is {num_frames} but the {where} hold {t} frames per clip{_hint(t)}")
+    if mcfg is not None:
+        size = mcfg.image_size
+        if (h, w) != (size, size) or wcfg.get("size", size) != size:
+            raise ConfigError(
+                f"model.image_size is {size} but the {where} hold {h}x{w} frames "
+                f"(preprocess with --size {size} or change the model)"
+            )
+    if c != 3:
+        raise ConfigError(f"the {where} hold frames with {c} channels, expected 3 (RGB)")
+
+
+def _check_features(x: np.ndarray, encoder: str | None, num_frames: int, mcfg, key: str, where: str) -> None:
+    t, q, d = x.shape[-3:]
+    if t != num_frames:
+        raise ConfigError(f"{key} is {num_frames} but the {where} hold features of {t} frames{_hint(t)}")
+    if mcfg is None:
+        return
+    if (q, d) != (mcfg.num_query_tokens, mcfg.feature_dim):
+        raise ConfigError(
+            f"the {where} hold features [T,{q},{d}] but the model expects "
+            f"[T,{mcfg.num_query_tokens},{mcfg.feature_dim}] (num_query_tokens, feature_dim)"
+        )
+    theirs = encoder.split("-")[0] if encoder else None
+    if theirs and theirs != mcfg.encoder_fingerprint():
+        raise ConfigError(
+            f"the {where} were cached with another frozen encoder (fingerprint {theirs}, this model "
+            f"{mcfg.encoder_fingerprint()}): rebuild the feature cache or use the same encoder config"
+        )

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-RUN_ID_FILE = "mlflow_run_id"
+from pipeline.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN_ID
 
 
 class NullTracker:
@@ -59,7 +59,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 def resolve_uri(run_dir: str | Path, uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return uri or f"sqlite:///{Path(run_dir).resolve() / MLFLOW_DB}"
 
 
 class MlflowTracker:
@@ -70,7 +70,7 @@ class MlflowTracker:
 
         self.uri = resolve_uri(run_dir, uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        id_file = Path(run_dir) / RUN_ID_FILE
+        id_file = Path(run_dir) / MLFLOW_RUN_ID
         self.resumed = id_file.is_file()
         if self.resumed:
             self.run_id = id_file.read_text().strip()
@@ -79,7 +79,9 @@ class MlflowTracker:
             exp = self.client.get_experiment_by_name(experiment)
             # a SQLite store lives in the run dir, and so do its artifacts (MLflow's default is ./mlruns)
             where = (
-                (Path(run_dir) / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
+                (Path(run_dir) / MLFLOW_ARTIFACTS).resolve().as_uri()
+                if self.uri.startswith("sqlite")
+                else None
             )
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, where)
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id

@@ -33,9 +33,8 @@ from torch import nn
 
 from pipeline.config import load_config, save_yaml
 from pipeline.model import ModelConfig, VideoLLaMA, vit_g
+from pipeline.rundir import MODEL_CONFIG, TRAINABLE_WEIGHTS
 
-TRAINABLE_FILE = "trainable.safetensors"
-CONFIG_FILE = "model.yaml"
 EXPORT_FORMAT = "videollama-pipeline/trainable-v1"
 # Key of a ``.pth`` written by this project holding the ModelConfig (plain data, loads with
 # weights_only): the shapes alone cannot tell a tiny model's heads or LLM apart from the original's.
@@ -416,16 +415,16 @@ def export_trainable(model_or_sd: VideoLLaMA | dict[str, torch.Tensor], cfg: Mod
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    save_file(tensors, str(out / TRAINABLE_FILE), metadata={"format": EXPORT_FORMAT})
-    save_yaml(cfg, out / CONFIG_FILE)
+    save_file(tensors, str(out / TRAINABLE_WEIGHTS), metadata={"format": EXPORT_FORMAT})
+    save_yaml(cfg, out / MODEL_CONFIG)
     return out
 
 
 def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config."""
     directory = Path(directory)
-    cfg = load_config(ModelConfig, directory / CONFIG_FILE)
-    sd = load_file(str(directory / TRAINABLE_FILE))
+    cfg = load_config(ModelConfig, directory / MODEL_CONFIG)
+    sd = load_file(str(directory / TRAINABLE_WEIGHTS))
     check_shapes(sd, trainable_shapes(cfg), str(directory))
     return sd, cfg
 

@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import ConfigError, fingerprint
+from pipeline.captions import CaptionCleaning
+from pipeline.config import ConfigError, WeightPaths, fingerprint
+
+
+def _max_frames() -> int:
+    """The model's frame limit (``ModelConfig.max_frames``): shards with more frames could not train."""
+    from pipeline.model import ModelConfig
+
+    return ModelConfig.max_frames
 
 
 @dataclass
-class CaptionConfig:
-    """Caption cleaning as in the original: lower-case, strip ``[.!"()*#:;~]``, at most 50 words."""
-
-    clean: bool = True
-    lowercase: bool = True
-    strip_chars: str = '.!"()*#:;~'
-    max_words: int = 50
-
-
-@dataclass
-class FeatureCacheConfig:
-    """The frozen ViT + ln_vision + image Q-Former run on the sampled frames (``--cache-features``)."""
+class FeatureCacheConfig(WeightPaths):
+    """The frozen ViT + ln_vision + image Q-Former run on the sampled frames (``--cache-features``);
+    its weights: ``blip2_path`` or ``eva_vit_path`` + ``qformer_lavis_path`` (WeightPaths)."""
 
     enabled: bool = False
     model: str = "vit-g-7b"  # a pipeline.model preset: its encoder sizes (the LLM part is not built)
-    blip2_path: str | None = None  # Hugging Face BLIP-2 folder, or the two LAVIS files below
-    eva_vit_path: str | None = None
-    qformer_lavis_path: str | None = None
     seed: int = 0  # random encoder weights when no path is given (tests, demo)
     keep_frames: bool = True  # store frames beside the features, or features only
     dtype: Literal["float16", "float32"] = "float16"
@@ -38,12 +35,7 @@ class FeatureCacheConfig:
     def model_config(self):
         from pipeline.model import preset
 
-        cfg = preset(self.model)
-        cfg.blip2_path, cfg.eva_vit_path, cfg.qformer_lavis_path = (
-            self.blip2_path,
-            self.eva_vit_path,
-            self.qformer_lavis_path,
-        )
+        cfg = dataclasses.replace(preset(self.model), **self.weight_paths())
         cfg.validate()
         return cfg
 
@@ -71,7 +63,7 @@ class PreprocessConfig:
     resize: Literal["squash", "center_crop"] = "squash"
     min_frames: int | None = None  # clips with fewer frames fail as too_short (default: num_frames)
     views: int = 1  # sampler draws per clip (e.g. 4 headtail views keep the original's augmentation)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    caption: CaptionCleaning = field(default_factory=CaptionCleaning)
     features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     # fault bounds for the decoder subprocess
     decode_timeout_s: float = 60.0
@@ -94,9 +86,11 @@ class PreprocessConfig:
         if not self.output:
             raise ConfigError("output: an output folder is required (--output DIR)")
         self._validate_inputs()
-        if not 1 <= self.num_frames <= 32:
+        max_frames = _max_frames()
+        if not 1 <= self.num_frames <= max_frames:
             raise ConfigError(
-                f"num_frames: {self.num_frames} is outside 1..32 (the frame position embedding has 32 rows)"
+                f"num_frames: {self.num_frames} is outside 1..{max_frames} "
+                f"(the frame position embedding has {max_frames} rows)"
             )
         if self.samples_per_shard < 1:
             raise ConfigError("samples_per_shard: must be >= 1")

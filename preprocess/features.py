@@ -40,7 +40,7 @@ class ShardEncoder:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.features.num_cpus)))
         encoder = FrozenEncoder(model_cfg, seed=cfg.features.seed)
-        if model_cfg.blip2_path or model_cfg.eva_vit_path:
+        if model_cfg.has_encoder_weights:
             load_frozen_encoder(encoder)
         self.identity = encoder_identity(cfg, encoder.weights_fingerprint())
         self.encoder = encoder.to(self.device)

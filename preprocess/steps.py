@@ -8,7 +8,6 @@ sample (``ShardWriter``). Any failure becomes an index row with a reason; nothin
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.captions import clean_caption
 from pipeline.shards import (
     INDEX_SCHEMA,
     PARTS_DIR,
@@ -25,21 +25,9 @@ from pipeline.shards import (
     shard_name,
     write_parquet,
 )
-from preprocess.config import CaptionConfig, PreprocessConfig
-from preprocess.decode import BoundedDecoder, DecodeFailure, SamplingSpec
+from pipeline.video import BoundedDecoder, DecodeFailure, SamplingSpec
+from preprocess.config import PreprocessConfig
 from preprocess.inputs import is_missing
-
-
-def clean_caption(text: str, cfg: CaptionConfig) -> str:
-    """BLIP's ``pre_caption``: lower-case, listed punctuation to spaces, collapse spaces, cut to max words."""
-    if not cfg.clean:
-        return text.strip()
-    if cfg.lowercase:
-        text = text.lower()
-    if cfg.strip_chars:
-        text = re.sub(f"[{re.escape(cfg.strip_chars)}]", " ", text)
-    text = re.sub(r"\s{2,}", " ", text).strip()
-    return " ".join(text.split(" ")[: cfg.max_words])
 
 
 def resolve_source(row: dict[str, Any]) -> dict[str, Any]:

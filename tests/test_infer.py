@@ -19,12 +19,14 @@ import cli
 from infer.batch import BatchCaptionConfig
 from infer.batch import run as caption_shards
 from infer.caption import read_video
-from infer.evaluate import EVAL_FILE, EvaluateConfig, caption_metrics
+from infer.evaluate import EvaluateConfig
 from infer.evaluate import run as evaluate
-from infer.generate import GenerationConfig, caption_prompt, conversation_prompt, cut_at_stop, generate
 from infer.load import CheckpointError, ModelSource, locate
+from pipeline.evaluation import caption_metrics
+from pipeline.generate import GenerationConfig, caption_prompt, conversation_prompt, cut_at_stop, generate
 from pipeline.model import VideoLLaMA, tiny
 from pipeline.prompts import prepare_tokenizer
+from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer, write_tiny_llm
 from tests.conftest import BAD_ROWS, build_corpus
@@ -246,7 +248,7 @@ def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_p
 def test_evaluate_matches_training_validation_and_logs_to_mlflow(data, run_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    in_training = _lines(run_dir / EVAL_FILE)
+    in_training = _lines(run_dir / EVAL)
     assert [r["step"] for r in in_training] == [10, 20, 30]
     cfg = EvaluateConfig(
         model=ModelSource(checkpoint=str(run_dir)),

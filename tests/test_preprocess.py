@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from pipeline.captions import CaptionCleaning, clean_caption
 from pipeline.config import ConfigError, load_config
 from pipeline.sample_data import make_webvid_tars
 from pipeline.shards import list_shards, read_shard
-from preprocess.config import CaptionConfig, PreprocessConfig
-from preprocess.decode import sample_indices
+from pipeline.video import sample_indices
+from preprocess.config import PreprocessConfig
 from preprocess.job import run
-from preprocess.steps import clean_caption
 from tests.conftest import REPO, build_corpus, write_annotations
 
 SMALL = {"size": 32, "samples_per_shard": 4}
@@ -119,7 +119,7 @@ def test_every_row_accounted_and_frames_match_decord(ray_local, corpus, tmp_path
         assert meta["timestamps"] == pytest.approx(
             vr.get_frame_timestamp(meta["frame_indices"])[:, 0], abs=1e-3
         )
-        assert s["txt"].decode() == clean_caption(meta["caption_raw"], CaptionConfig())
+        assert s["txt"].decode() == clean_caption(meta["caption_raw"], CaptionCleaning())
         assert ok_rows[key]["videoid"] == meta["videoid"]
 
 

@@ -22,13 +22,13 @@ from pipeline.config import ConfigError, load_config
 from pipeline.model import VideoLLaMA, tiny
 from pipeline.prompts import IGNORE_INDEX, IMAGE_PATCH_TOKEN, prepare_tokenizer
 from pipeline.sample_data import write_clip
-from pipeline.shards import list_shards, read_shard
+from pipeline.shards import inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.test_prompts import expected
 from tests.test_train import _env, losses, run_train
 from train.config import TrainConfig
-from train.data import CAPTION_INSTRUCTIONS, TrainStream, check_shards, make_loader, shard_counts
+from train.data import CAPTION_INSTRUCTIONS, TrainStream, make_loader, shard_counts
 from train.loop import build_model, weights_checksum
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,9 +275,9 @@ def test_mixing_images_and_videos(instruct, char_tok):
     frames = {b["dataset"]: b["frames"].shape[1] for b in got}
     assert frames == {0: 1, 1: 1, 2: 8}  # each batch from one dataset, its own frame count
     tiny_cfg = tiny()
-    assert check_shards(instruct["llava"], "auto", 1, tiny_cfg) == "frames"
+    assert inspect_shards(instruct["llava"], "auto", 1, tiny_cfg).kind == "frames"
     with pytest.raises(ConfigError, match=r"data.datasets\[1\].num_frames is 8 .* 1 frames .* num_frames: 1"):
-        check_shards(instruct["llava"], "auto", 8, tiny_cfg, "data.datasets[1].num_frames")
+        inspect_shards(instruct["llava"], "auto", 8, tiny_cfg, "data.datasets[1].num_frames")
     with pytest.raises(ConfigError, match="data.template"):
         load_config(TrainConfig, STAGE2_TINY, ["data.template=null"])
 

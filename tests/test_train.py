@@ -21,12 +21,12 @@ from pipeline import checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint, tiny
 from pipeline.prompts import prepare_tokenizer
-from pipeline.shards import ShardWriter, read_shard
+from pipeline.shards import ShardWriter, inspect_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.conftest import build_corpus
 from train.config import OptimConfig, TrainConfig
-from train.data import TrainStream, check_encoder_weights, check_shards, make_loader, shard_counts
+from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
 from train.loop import ds_config, lr_at, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,16 +191,16 @@ def _take(loader, n):
 
 def test_mismatched_shards_are_refused(shards, tmp_path):
     cfg = tiny()
-    assert check_shards(shards, "auto", 8, cfg) == "frames"
+    assert inspect_shards(shards, "auto", 8, cfg).kind == "frames"
     with pytest.raises(ConfigError, match=r"model.image_size is 28 but .* 56x56"):
-        check_shards(shards, "auto", 8, load_config(type(cfg), values={**vars(cfg), "image_size": 28}))
+        inspect_shards(shards, "auto", 8, load_config(type(cfg), values={**vars(cfg), "image_size": 28}))
     with pytest.raises(ConfigError, match="data.num_frames is 4 but .* 8 frames"):
-        check_shards(shards, "auto", 4, cfg)
+        inspect_shards(shards, "auto", 4, cfg)
     with pytest.raises(ConfigError, match="data.input=features but .* hold frames"):
-        check_shards(shards, "features", 8, cfg)
+        inspect_shards(shards, "features", 8, cfg)
     other = write_feature_shards(shards, tmp_path / "feats", fingerprint="0123456789abcdef")
     with pytest.raises(ConfigError, match="another frozen encoder"):
-        check_shards(other, "auto", 8, cfg)
+        inspect_shards(other, "auto", 8, cfg)
     same = encoder_weights_fingerprint(VideoLLaMA(tiny()))
     check_encoder_weights([str(other)], same)  # same weights: accepted
     with pytest.raises(ConfigError, match="encoder with other weights"):

@@ -34,7 +34,6 @@ due from worker ``n % workers``: a restarted loader rotates worker ids by that o
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import ConfigError
 from pipeline.model import ModelConfig
 from pipeline.prompts import TextSample, caption_sample, collate, conversation_sample, frame_times_message
-from pipeline.shards import CONFIG_FILE, ENCODER_FILE, INDEX_FILE, list_shards, read_shard
+from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
-SAMPLE_NDIM = {"frames": 4, "features": 3}  # [T,H,W,3] / [T,32,D]; one more = a leading views axis
 # Questions for caption-only samples in conversation training (the wording of the original's
 # prompts/alignment_image.txt, which MiniGPT-4 also used for cc_sbu_align; videos: the same, of a video).
 CAPTION_INSTRUCTIONS = {
@@ -90,81 +88,10 @@ def shard_counts(folder: str | Path) -> list[tuple[str, int]]:
     return [(str(p), sum(1 for _ in read_shard(p))) for p in shards]
 
 
-def first_sample(folder: str | Path) -> dict[str, Any] | None:
-    for path in list_shards(folder):
-        for sample in read_shard(path):
-            return sample
-    return None
-
-
-def _hint(t: int) -> str:
-    return " (images are 1-frame clips: give that data.datasets entry num_frames: 1)" if t == 1 else ""
-
-
-def check_shards(
-    folder: str | Path, want: str, num_frames: int, mcfg: ModelConfig, key: str = "data.num_frames"
-) -> str:
-    """Refuse shards that do not fit the config; returns the input kind ("frames" or "features").
-
-    ``key`` names the setting that gave ``num_frames`` (``data.datasets[i].num_frames`` for a mix).
-    """
-    folder = Path(folder)
-    written = {}
-    if (folder / CONFIG_FILE).is_file():
-        written = json.loads((folder / CONFIG_FILE).read_text())
-    wcfg = written.get("config", {})
-    sample = first_sample(folder)
-    if sample is None:
-        raise ConfigError(f"data: {str(folder)!r} holds no samples")
-    has_features = sample.get("features") is not None
-    kind = ("features" if has_features else "frames") if want == "auto" else want
-    where = f"shards in {str(folder)!r}"
-    if kind == "features" and not has_features:
-        raise ConfigError(f"data.input=features but the {where} hold frames, not cached features")
-    if kind == "frames" and sample.get("frames") is None:
-        raise ConfigError(f"data.input=frames but the {where} hold only cached features")
-    if kind == "frames":
-        t, h, w, c = sample["frames"].shape[-4:]
-        size = mcfg.image_size
-        if t != num_frames or (t > 1 and wcfg.get("num_frames", t) != num_frames):
-            raise ConfigError(f"{key} is {num_frames} but the {where} hold {t} frames per clip{_hint(t)}")
-        if (h, w) != (size, size) or wcfg.get("size", size) != size:
-            raise ConfigError(
-                f"model.image_size is {size} but the {where} hold {h}x{w} frames "
-                f"(preprocess with --size {size} or change the model)"
-            )
-        if c != 3:
-            raise ConfigError(f"the {where} hold frames with {c} channels, expected 3 (RGB)")
-        return kind
-    t, q, d = sample["features"].shape[-3:]
-    if t != num_frames:
-        raise ConfigError(f"{key} is {num_frames} but the {where} hold features of {t} frames{_hint(t)}")
-    if (q, d) != (mcfg.num_query_tokens, mcfg.feature_dim):
-        raise ConfigError(
-            f"the {where} hold features [T,{q},{d}] but the model expects "
-            f"[T,{mcfg.num_query_tokens},{mcfg.feature_dim}] (num_query_tokens, feature_dim)"
-        )
-    identity = cached_encoder(folder, sample)
-    theirs = identity.split("-")[0] if identity else None
-    if theirs and theirs != mcfg.encoder_fingerprint():
-        raise ConfigError(
-            f"the {where} were cached with another frozen encoder (fingerprint {theirs}, this model "
-            f"{mcfg.encoder_fingerprint()}): rebuild the feature cache or use the same encoder config"
-        )
-    return kind
-
-
-def cached_encoder(folder: Path, sample: dict[str, Any]) -> str | None:
-    """``"<config fingerprint>-<weights hash>"`` of the encoder that cached the features (preprocess.features)."""
-    if (folder / ENCODER_FILE).is_file():
-        return json.loads((folder / ENCODER_FILE).read_text())["encoder"]
-    return sample["meta"].get("encoder")
-
-
 def check_encoder_weights(folders: list[str], weights_hash: str) -> None:
     """Refuse features cached by an encoder with other weights than the model's (same config, other files)."""
     for folder in folders:
-        identity = cached_encoder(Path(folder), first_sample(folder) or {"meta": {}})
+        identity = inspect_shards(folder).encoder
         theirs = identity.rpartition("-")[2] if identity and "-" in identity else None
         if theirs and theirs != weights_hash:
             raise ConfigError(

@@ -41,19 +41,15 @@ import torch
 from pipeline import checkpoint, distributed
 from pipeline.config import ConfigError, save_yaml, to_dict
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
+from pipeline.prompts import build_tokenizer
+from pipeline.rundir import CONFIG, DS_CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
+from pipeline.shards import inspect_shards
 from pipeline.tracking import git_commit, make_tracker
 from train.config import OptimConfig, TrainConfig
-from train.data import (
-    TrainStream,
-    check_encoder_weights,
-    check_shards,
-    first_sample,
-    make_loader,
-    shard_counts,
-)
+from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
+from train.validation import evaluate_in_training
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS_FILE = "metrics.jsonl"
 
 # Slurm time limit / preemption (slurm/train.sbatch): the batch script forwards STOP_SIGNAL ahead of the
 # limit; every rank saves a checkpoint at the next step boundary and exits REQUEUE_EXIT_CODE, the script
@@ -112,19 +108,11 @@ def ds_config(cfg: TrainConfig, precision: str, world_size: int, on_gpu: bool) -
     return ds
 
 
-def build_tokenizer(cfg: TrainConfig, mcfg: ModelConfig):
-    from pipeline.prompts import load_tokenizer, prepare_tokenizer
-
+def training_tokenizer(cfg: TrainConfig, mcfg: ModelConfig):
     path = cfg.tokenizer or mcfg.llm_path
-    if path:
-        return load_tokenizer(path)
-    if cfg.model_preset != "tiny":
+    if not path and cfg.model_preset != "tiny":
         raise ConfigError("tokenizer: set tokenizer or model.llm_path (a Hugging Face LLM directory)")
-    from pipeline.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    prepare_tokenizer(tok)
-    return tok
+    return build_tokenizer(path)
 
 
 def build_model(cfg: TrainConfig, mcfg: ModelConfig, verbose: bool = False) -> VideoLLaMA:
@@ -132,7 +120,7 @@ def build_model(cfg: TrainConfig, mcfg: ModelConfig, verbose: bool = False) -> V
 
     torch.manual_seed(cfg.seed)  # same random init on every rank and every restart
     model = VideoLLaMA(mcfg)
-    if mcfg.blip2_path or mcfg.eva_vit_path:
+    if mcfg.has_encoder_weights:
         load_frozen_encoder(model)
     if cfg.init_from:
         report = load_trainable_weights(model, cfg.init_from)
@@ -199,7 +187,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     datasets = [(shard_counts(s.shards), s.weight) for s in specs]  # refuses missing folders
     keys = [f"data.datasets[{i}].num_frames" for i in range(len(specs))] if cfg.data.datasets else []
     kinds = {
-        check_shards(s.shards, cfg.data.input, s.num_frames, mcfg, *keys[i : i + 1])
+        inspect_shards(s.shards, cfg.data.input, s.num_frames, mcfg, *keys[i : i + 1]).kind
         for i, s in enumerate(specs)
     }
     if len(kinds) > 1:
@@ -219,14 +207,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        save_yaml(mcfg, run_dir / "model.yaml")
+        save_yaml(cfg, run_dir / CONFIG)
+        save_yaml(mcfg, run_dir / MODEL_CONFIG)
     distributed.barrier()
 
     model = build_model(cfg, mcfg, verbose=rank == 0)
     if kind == "features":  # before DeepSpeed casts the module: the cache hashed the encoder as built
         check_encoder_weights([s.shards for s in specs], encoder_weights_fingerprint(model))
-        eval_frames = cfg.eval.shards and (first_sample(cfg.eval.shards) or {}).get("features") is None
+        eval_frames = (
+            cfg.eval.shards and inspect_shards(cfg.eval.shards, setting="eval.shards").kind == "frames"
+        )
         freed = 0 if eval_frames else model.drop_frozen_encoder()  # never runs on features: off the GPU
         if rank == 0 and freed:
             print(
@@ -234,7 +224,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 flush=True,
             )
     start = {n: p.detach().clone() for n, p in model.trainable_parameters()} if cfg.init_from else None
-    tokenizer = build_tokenizer(cfg, mcfg)
+    tokenizer = training_tokenizer(cfg, mcfg)
     check_template(cfg, mcfg, rank)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -242,7 +232,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     )
     ds = ds_config(cfg, precision, world, info.device.type == "cuda")
     if rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        (run_dir / DS_CONFIG).write_text(json.dumps(ds, indent=2))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     init_checksum = set_master_weights(model, start) if start is not None else None
@@ -265,7 +255,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout differs across ranks, fixed by the seed
     if rank == 0:
-        _truncate_metrics(run_dir / METRICS_FILE, step)
+        _truncate_metrics(run_dir / METRICS, step)
     stream = TrainStream(
         datasets,
         kind=kind,
@@ -294,11 +284,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if init_checksum is not None:  # the trainable weights at step 0, as the optimizer holds them
             tags.update(init_from=str(cfg.init_from), init_weights_checksum=init_checksum)
             if rank == 0:
-                (run_dir / "init_from.json").write_text(
+                (run_dir / INIT_FROM).write_text(
                     json.dumps({"init_from": str(cfg.init_from), "checksum": init_checksum}) + "\n"
                 )
         tracker.set_tags(tags)
-        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / CONFIG)
     else:
         tracker.set_tags({f"resumed_at_step_{step}": resume_from.name})
 
@@ -376,7 +366,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 "samples_seen": samples_seen,
                 "epoch": step / steps_per_epoch,
             }
-            with open(run_dir / METRICS_FILE, "a") as f:
+            with open(run_dir / METRICS, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if step % cfg.log_every == 0 or step == max_steps:
                 tracker.log_metrics(metrics, step)
@@ -385,9 +375,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     f"{metrics['samples_per_s']:.1f} samples/s data {wait_s:.2f}s",
                     flush=True,
                 )
-        if cfg.eval.shards and (step % cfg.eval.every == 0 or step == max_steps):  # validation: infer/
-            from infer.evaluate import evaluate_in_training
-
+        if cfg.eval.shards and (step % cfg.eval.every == 0 or step == max_steps):
             evaluate_in_training(model, tokenizer, cfg.eval, step, rank, world, run_dir, tracker, info.device)
         if step % cfg.save_every == 0 or step == max_steps or stop_now:
             last_saved = save(step)
@@ -401,8 +389,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     if rank == 0 and last_saved is not None:
-        final = run_dir / checkpoint.EXPORT
-        shutil.copytree(last_saved / checkpoint.EXPORT, final, dirs_exist_ok=True)
+        final = run_dir / EXPORT
+        shutil.copytree(last_saved / EXPORT, final, dirs_exist_ok=True)
         tracker.log_artifact(final, "export")
     tracker.close()
     distributed.cleanup()

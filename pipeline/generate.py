@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.model import VideoLLaMA
-from pipeline.prompts import IMAGE_PATCH_TOKEN, TextSample, render_conversation
+from pipeline.prompts import IMAGE_PATCH_TOKEN, TextSample, frame_times_message, render_conversation
 
 Template = Literal["caption", "vicuna", "llama2"]
 DEFAULT_STOPS = {"caption": ["\n", "###"], "vicuna": ["###"], "llama2": ["</s>"]}
@@ -52,10 +52,6 @@ class GenerationConfig:
 
     def stops(self) -> list[str]:
         return list(self.stop) if self.stop is not None else list(DEFAULT_STOPS[self.effective_template])
-
-
-def greedy() -> GenerationConfig:
-    return GenerationConfig(do_sample=False)
 
 
 def _image_id(tokenizer) -> int:
@@ -160,8 +156,6 @@ class PromptSpec:
     history: list[tuple[str, str]] = field(default_factory=list)
 
     def build(self, tokenizer, num_video_tokens: int, timestamps: Sequence[float] | None) -> TextSample:
-        from pipeline.prompts import frame_times_message
-
         if self.template == "caption":
             return caption_prompt(tokenizer, num_video_tokens)
         message = frame_times_message(timestamps) if timestamps else ""
@@ -173,3 +167,18 @@ class PromptSpec:
 
 def prompt_spec(gen: GenerationConfig) -> PromptSpec:
     return PromptSpec(gen.effective_template, gen.prompt)
+
+
+def caption_features(
+    model: VideoLLaMA,
+    tokenizer,
+    features: torch.Tensor,
+    gen: GenerationConfig,
+    timestamps: list | None = None,
+) -> list[str]:
+    """Captions (or answers to ``gen.prompt``) for a batch of features [B,T,Q,D]."""
+    spec = prompt_spec(gen)
+    n = model.cfg.num_video_query_tokens
+    stamps = timestamps or [None] * len(features)
+    prompts = [spec.build(tokenizer, n, t) for t in stamps]
+    return generate_batched(model, tokenizer, features, prompts, gen)

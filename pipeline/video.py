@@ -2,7 +2,7 @@
 
 decord is C++ over FFmpeg: a bad file can hang it (a stalled network mount, a pipe) or make it
 allocate without limit, and it leaks on large videos. So decoding happens in a long-lived child
-process (``python -m preprocess.decode``) that the Ray task talks to over a pipe: a request that
+process (``python -m pipeline.video``) that the Ray task talks to over a pipe: a request that
 takes longer than ``timeout_s`` kills the child (the row fails as ``decode_timeout``), the child runs
 under ``RLIMIT_AS`` (an allocation blow-up fails the row, not the node), and the child is replaced
 every ``recycle_every`` clips so leaks cannot accumulate.
@@ -217,7 +217,7 @@ class BoundedDecoder:
             MKL_NUM_THREADS=threads,
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "preprocess.decode"],
+            [sys.executable, "-m", "pipeline.video"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

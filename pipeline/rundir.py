@@ -1,0 +1,48 @@
+"""The run folder of a training job: every file name in it, defined once and imported where used.
+
+    RUN/
+      config.yaml                 resolved TrainConfig                          CONFIG
+      model.yaml                  resolved ModelConfig                          MODEL_CONFIG
+      ds_config.json              the DeepSpeed config as used                  DS_CONFIG
+      init_from.json              with init_from: start weights + checksum      INIT_FROM
+      metrics.jsonl               one line per optimizer step                   METRICS
+      eval.jsonl                  one line per validation (eval.shards)         EVAL
+      report/                     cli.py report's HTML + PNG                     REPORT
+      mlflow.db  mlartifacts/     the default MLflow store and its artifacts    MLFLOW_DB, MLFLOW_ARTIFACTS
+      mlflow_run_id               the MLflow run a resumed job continues        MLFLOW_RUN_ID
+      checkpoints/step_00001000/  CHECKPOINTS / checkpoint_tag(step)
+          train_state_rank0.json  this rank's TrainState + RNG                  train_state_file(rank)
+          export/                 trainable-only export                         EXPORT
+          COMPLETE                written last: the checkpoint is usable        COMPLETE
+          (DeepSpeed's files)
+      export/                     the final export
+
+An export folder (``RUN/export``, ``step_N/export``, or any ``cli.py convert`` output) holds
+``trainable.safetensors`` (TRAINABLE_WEIGHTS) and ``model.yaml`` (MODEL_CONFIG).
+"""
+
+from __future__ import annotations
+
+CONFIG = "config.yaml"
+MODEL_CONFIG = "model.yaml"
+DS_CONFIG = "ds_config.json"
+INIT_FROM = "init_from.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.jsonl"
+REPORT = "report"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+MLFLOW_RUN_ID = "mlflow_run_id"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+EXPORT = "export"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+
+
+def checkpoint_tag(step: int) -> str:
+    """``step_00001000``: zero-padded, so names sort by step."""
+    return f"step_{step:08d}"
+
+
+def train_state_file(rank: int) -> str:
+    return f"train_state_rank{rank}.json"
