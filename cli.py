@@ -138,6 +138,11 @@ def convert(src: str, dst: str, preset: str | None) -> None:
 @click.argument("overrides", nargs=-1)
 def train(config_path, overrides) -> None:
     """Stage-1 or stage-2 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    if os.environ.get("RANK", "0") == "0":  # torchrun/deepspeed set RANK; the next lines take ~20-30 s
+        world = os.environ.get("WORLD_SIZE", "1")
+        click.echo(
+            f"[train] starting {world} process(es): importing torch + DeepSpeed, then the process group"
+        )
     from train.config import TrainConfig
 
     try:

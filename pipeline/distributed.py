@@ -17,6 +17,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,22 @@ def init(timeout_s: float = 1800.0) -> DistInfo:
     else:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, device)
+
+
+def comm_op_build_pending() -> str | None:
+    """On CPU, ``deepspeed.initialize`` JIT-compiles DeepSpeed's shared-memory comm op the first time on a
+    machine (25-70 s with no output); the path it will build into when that is still to come, else None."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT loader puts it
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    if deepspeed.git_version_info.installed_ops.get(builder.NAME, False):
+        return None  # built into the wheel
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else str(folder)
 
 
 def barrier() -> None:

@@ -70,22 +70,93 @@ def _open_source(source: dict[str, Any]):
     return source["path"]
 
 
-def _target_size(src, spec: SamplingSpec) -> tuple[int, int]:
-    """(width, height) that decord should decode to: the target square, or short side = size."""
-    if spec.resize == "squash":
-        return spec.size, spec.size
+@dataclass(frozen=True)
+class StreamInfo:
+    """What the container's header says about its video stream (PyAV, no decoding)."""
+
+    width: int
+    height: int
+    frames: int  # frame count in the header; 0 when the container does not say
+    duration: float | None  # seconds, video stream (else container) duration; None when unknown
+
+
+def probe(src) -> StreamInfo:
+    """Read the header with PyAV: frame size, declared frame count and duration of the video stream."""
     import av
 
     if isinstance(src, io.BytesIO):
         src.seek(0)
-    with av.open(src) as c:
-        if not c.streams.video:
-            raise DecodeFailure("no_video_stream", "the file has no video stream")
-        w, h = c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height
-    if isinstance(src, io.BytesIO):
-        src.seek(0)
-    scale = spec.size / min(w, h)
-    return max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    try:
+        with av.open(src) as c:
+            if not c.streams.video:
+                raise DecodeFailure("no_video_stream", "the file has no video stream")
+            s = c.streams.video[0]
+            duration = float(s.duration * s.time_base) if s.duration and s.time_base else None
+            if duration is None and c.duration:
+                duration = c.duration / 1e6  # AV_TIME_BASE
+            info = StreamInfo(s.codec_context.width, s.codec_context.height, s.frames or 0, duration)
+    except av.FFmpegError as e:
+        raise DecodeFailure("decode_error", _first_line(e)) from None
+    finally:
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+    return info
+
+
+def _target_size(info: StreamInfo, spec: SamplingSpec) -> tuple[int, int]:
+    """(width, height) that decord should decode to: the target square, or short side = size."""
+    if spec.resize == "squash":
+        return spec.size, spec.size
+    scale = spec.size / min(info.width, info.height)
+    return max(spec.size, round(info.width * scale)), max(spec.size, round(info.height * scale))
+
+
+# A file may declare 1 frame more than it holds (an edit list, a dropped trailing frame) without harm.
+FRAME_COUNT_SLACK = 1
+# How far the frames may run past the declared duration: reordering delay and variable frame rate make the
+# header's duration (counted in decode order) short of the last frame; garbage timestamps are far beyond.
+DURATION_SLACK = (1.5, 2.0)  # (factor, seconds): last frame start <= factor * duration + seconds
+
+
+def frame_times(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> tuple[np.ndarray, float]:
+    """Check decord's per-frame timestamps and return (frame start times, clip duration).
+
+    decord silently returns wrong frames when the index is untrustworthy: packets without timestamps
+    (its seeks land on other frames), or a file cut short whose header promises frames that are not
+    there. Either fails the clip with a reason instead of giving an "ok" sample with the wrong frames.
+    """
+    n = len(starts)
+    if not (np.isfinite(starts).all() and np.isfinite(ends).all()) or starts[0] < -1.0:
+        raise DecodeFailure(
+            "bad_timestamps", f"frame timestamps are missing or invalid (first {starts[0]:.4g} s)"
+        )
+    if n > 1 and not (np.diff(starts) > 0).all():
+        bad = int(np.argmin(np.diff(starts) > 0))
+        raise DecodeFailure("bad_timestamps", f"frame timestamps not increasing at frame {bad + 1} of {n}")
+    if info.frames and n + FRAME_COUNT_SLACK < info.frames:
+        raise DecodeFailure("truncated", f"{n} of the {info.frames} frames the header declares are present")
+    factor, seconds = DURATION_SLACK
+    if info.duration is not None and starts[-1] > factor * info.duration + seconds:
+        raise DecodeFailure(
+            "bad_timestamps", f"frame at {starts[-1]:.4g} s in a stream of {info.duration:.4g} s"
+        )
+    duration = float(ends[-1] - starts[0])
+    if duration <= 0:
+        raise DecodeFailure("bad_timestamps", f"the frames span {duration:.4g} s")
+    return starts, duration
+
+
+def frames_at(starts: np.ndarray, duration: float, positions: list[int], n: int) -> list[int]:
+    """Frame indices for sampler positions on a uniform grid of ``n`` slots over the clip's time span.
+
+    Position k means time ``start + k * duration / n``; the frame shown then is the last one starting at
+    or before it (a quarter frame of slack absorbs float rounding). For a constant frame rate this is
+    frame k itself, so samples equal the original's index sampling; for a variable frame rate the frames
+    spread over time as asked instead of bunching where frames are dense.
+    """
+    slot = duration / n
+    targets = starts[0] + np.asarray(positions, dtype=np.float64) * slot + 0.25 * slot
+    return [int(i) for i in np.clip(np.searchsorted(starts, targets, side="right") - 1, 0, n - 1)]
 
 
 def _first_line(e: Exception) -> str:
@@ -128,7 +199,8 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
     import decord
 
     src = _open_source(source)
-    width, height = _target_size(src, spec)
+    info = probe(src)
+    width, height = _target_size(info, spec)
     try:
         vr = decord.VideoReader(src, width=width, height=height, num_threads=spec.threads)
     except Exception as e:  # decord raises RuntimeError / DECORDError with FFmpeg's text
@@ -138,31 +210,34 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
     vlen = len(vr)
     if vlen < spec.min_frames:
         raise DecodeFailure("too_short", f"{vlen} frames < {spec.min_frames} required")
+    stamps = vr.get_frame_timestamp(list(range(vlen))).astype(np.float64)
+    starts, duration = frame_times(stamps[:, 0], stamps[:, 1], info)
     rng = np.random.default_rng(seed)
-    views = [sample_indices(vlen, spec.num_frames, spec.sampling, rng) for _ in range(spec.views)]
+    views = [
+        frames_at(starts, duration, sample_indices(vlen, spec.num_frames, spec.sampling, rng), vlen)
+        for _ in range(spec.views)
+    ]
     wanted = sorted({i for v in views for i in v})  # decode each needed frame once, whatever the views
     try:
         decoded = vr.get_batch(wanted).asnumpy()
-        stamps = vr.get_frame_timestamp(wanted)[:, 0]
     except Exception as e:
         raise DecodeFailure("decode_error", _first_line(e)) from None
     pos = {f: i for i, f in enumerate(wanted)}
     frames = np.stack([decoded[[pos[i] for i in v]] for v in views])
-    times = [[round(float(stamps[pos[i]]), 4) for i in v] for v in views]
+    times = [[round(float(starts[i]), 4) for i in v] for v in views]
     if spec.resize == "center_crop":
         top, left = (height - spec.size) // 2, (width - spec.size) // 2
         frames = frames[:, :, top : top + spec.size, left : left + spec.size]
     indices = views if spec.views > 1 else views[0]
     times = times if spec.views > 1 else times[0]
     frames = frames if spec.views > 1 else frames[0]
-    fps = float(vr.get_avg_fps())
     return {
         "frames": np.ascontiguousarray(frames, dtype=np.uint8),
         "frame_indices": indices,
         "timestamps": times,
         "num_frames_total": vlen,
-        "fps": round(fps, 4),
-        "duration": round(vlen / fps, 4) if fps > 0 else None,
+        "fps": round(vlen / duration, 4),  # average rate over the frames' time span
+        "duration": round(duration, 4),
     }
 
 

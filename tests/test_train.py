@@ -145,6 +145,18 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(TrainConfig, TINY, ["model.vision_widht=3"])
     with pytest.raises(ConfigError, match="data.shards or data.datasets"):
         load_config(TrainConfig, TINY, [f"data.datasets=[{{shards: {tmp_path}}}]"])
+    with pytest.raises(ConfigError, match="data.workers must be >= 0"):
+        load_config(TrainConfig, TINY, [f"data.shards={tmp_path}", "data.workers=-1"])
+
+
+def test_first_deepspeed_run_says_it_compiles(tmp_path, monkeypatch):
+    """The 25-70 s JIT build of DeepSpeed's CPU comm op is announced only when it is still to come."""
+    from pipeline.distributed import comm_op_build_pending
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert comm_op_build_pending() == str(tmp_path / "deepspeed_shm_comm")
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"built")
+    assert comm_op_build_pending() is None
 
 
 def _stream(datasets, cursors=None, offset=0, rank=0):
@@ -218,7 +230,8 @@ def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp
 
     run_dir = tmp_path / "run"
     args = [f"data.shards={shards}", f"run_dir={run_dir}", "save_every=10", "optim.init_lr=5e-3"]
-    run_train(1, *args, "max_steps=40")
+    p = run_train(1, *args, "max_steps=40")
+    assert p.stdout.startswith("[train] starting 1 process(es): importing torch + DeepSpeed")
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, 41))
     first, last = np.mean([loss[s] for s in range(1, 5)]), np.mean([loss[s] for s in range(36, 41)])

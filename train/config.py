@@ -111,6 +111,10 @@ class TrainConfig:
             raise ConfigError("data.shards: a shard folder is required (or data.datasets)")
         if any(s.weight <= 0 for s in specs):
             raise ConfigError("data.datasets[].weight: weights must be > 0")
+        if self.data.workers < 0 or self.data.prefetch < 1:
+            raise ConfigError(
+                "data.workers must be >= 0 (0: load in the training process), data.prefetch >= 1"
+            )
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ConfigError("micro_batch and grad_accum must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:

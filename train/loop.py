@@ -233,6 +233,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ds = ds_config(cfg, precision, world, info.device.type == "cuda")
     if rank == 0:
         (run_dir / DS_CONFIG).write_text(json.dumps(ds, indent=2))
+    if info.local_rank == 0 and (build_dir := distributed.comm_op_build_pending()):
+        print(
+            f"[train] first DeepSpeed run here: compiling its CPU comm op into {build_dir} "
+            "(25-70 s, once; set TORCH_EXTENSIONS_DIR to share the build between checkouts)",
+            flush=True,
+        )
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     init_checksum = set_master_weights(model, start) if start is not None else None
