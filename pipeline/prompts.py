@@ -6,14 +6,29 @@ writes its 32 projected video tokens, plus labels that are -100 except on superv
 * Stage 1 (captions): ``[BOS] <ImageHere>*32 caption + "\\n"``; the caption (with its "\\n") is at most
   32 tokens and is the only supervised part. Same embeddings as the original, which concatenated
   BOS, video and caption embeddings directly.
-* Stage 2 (conversations): the whole conversation is rendered to one string and tokenized once; a
-  token is supervised when its characters overlap an assistant answer. Vicuna style supervises
-  ``{answer}\\n###`` (the ``###`` that follows is the stop signal inference waits for); LLaMA-2 style
-  supervises ``{answer} </s>``. The original computed the same masks from per-segment token counts,
-  which drift by a token at segment borders; character offsets are exact.
+* Stage 2, caption-only samples (cc_sbu_align): the original's ``prompt_wrap`` form, not the
+  conversation template: ``[BOS] {prompt before <ImageHere>} <video> {prompt after} {caption}{end}``
+  with prompt ``'###Human: {} ###Assistant: '`` and end ``'###'`` (Vicuna) or
+  ``'[INST] <<SYS>>\\n \\n<</SYS>>\\n\\n{} [/INST] '`` and ``'</s>'`` (LLaMA-2). The two prompt pieces and
+  the caption are tokenized separately (so a trailing space of the prompt is a token of its own);
+  only caption + end are supervised, cut to ``max_caption_tokens``.
+* Stage 2 conversations (LLaVA, VideoChat): the whole conversation is rendered and tokenized at once,
+  as the original did (``[BOS]`` + the text). Labels by ``label_mask``:
 
-Too-long conversations are truncated on the right unless that would cut the video placeholders or
-every supervised token; then the builder returns None so the caller can count the skip.
+  - ``original`` (default): the original's algorithm, token for token. Vicuna (``_mask_targets``):
+    the header and each human turn are masked by the token counts of each piece tokenized on its own
+    (``[BOS]`` included), except the first 2 tokens of each human turn (the ``###`` that closes the
+    previous answer); assistant turns are supervised whole, ``###Assistant: `` header and trailing
+    newline included, and so is the final ``###``. LLaMA-2: rounds split at ``</s>``, the
+    ``[INST] ... [/INST]`` part of each round masked by its own token count minus 2. With a LLaMA
+    tokenizer the counts land exactly on the turn borders; with another tokenizer they may drift
+    as they would in the original.
+  - ``answers``: only each answer plus what ends it (``\\n###`` / `` </s>``), found by character
+    offsets (needs a fast tokenizer): the cleaner objective this project used before.
+
+Too-long conversations are cut at ``max_len`` tokens (BOS included) like the original's
+``truncation=True``, unless that would cut the video placeholders or every supervised token; then the
+builder returns None so the caller can count the skip (the original would crash or learn nothing).
 """
 
 from __future__ import annotations
@@ -29,9 +44,16 @@ IMAGE_PATCH_TOKEN = "<ImageHere>"
 IGNORE_INDEX = -100
 VICUNA_HEADER = "\n\n"  # the original's empty system prompt + "\n\n"
 LLAMA2_SYSTEM = "<<SYS>>\n \n<</SYS>>\n\n"
+# stage-2 caption samples: (prompt template around "<Image><ImageHere></Image> {instruction}", end)
+CAPTION_PROMPTS = {
+    "vicuna": ("###Human: {} ###Assistant: ", "###"),
+    "llama2": ("[INST] " + LLAMA2_SYSTEM + "{} [/INST] ", "</s>"),
+}
 
 Template = Literal["vicuna", "llama2"]
 Modality = Literal["video", "image"]
+LabelMask = Literal["original", "answers"]
+LABEL_MASKS = ("original", "answers")
 
 
 @dataclass
@@ -77,21 +99,51 @@ def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return token_id
 
 
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def _with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """What a LLaMA tokenizer's ``tokenizer(text)`` gives: BOS + the text's tokens. Explicit, so a
+    tokenizer without a BOS post-processor counts the same."""
+    return [tokenizer.bos_token_id, *_tokens(tokenizer, text)]
+
+
 def caption_sample(
     tokenizer: PreTrainedTokenizerBase,
     caption: str,
     num_video_tokens: int = 32,
     max_caption_tokens: int = 32,
     end: str = "\n",
+    prompt: str | None = None,
 ) -> TextSample:
-    """Stage 1: ``[BOS] <ImageHere>*N caption+end``, labels only on the (truncated) caption tokens."""
-    text_ids = tokenizer(caption + end, add_special_tokens=False).input_ids[:max_caption_tokens]
-    prefix = [tokenizer.bos_token_id] + [_image_token_id(tokenizer)] * num_video_tokens
+    """``[BOS] {before} <ImageHere>*N {after} caption+end``, labels only on the (truncated) caption tokens.
+
+    Stage 1 has no prompt. Stage 2 caption samples pass ``caption_prompt(...)``: the original's
+    ``prompt_wrap``, whose text holds one ``<ImageHere>``; each piece is tokenized on its own.
+    """
+    before, after = prompt.split(IMAGE_PATCH_TOKEN) if prompt else ("", "")
+    text_ids = _tokens(tokenizer, caption + end)[:max_caption_tokens]
+    prefix = [
+        tokenizer.bos_token_id,
+        *_tokens(tokenizer, before),
+        *[_image_token_id(tokenizer)] * num_video_tokens,
+        *_tokens(tokenizer, after),
+    ]
+    start = 1 + len(_tokens(tokenizer, before))
     return TextSample(
         input_ids=prefix + text_ids,
         labels=[IGNORE_INDEX] * len(prefix) + text_ids,
-        video_positions=list(range(1, 1 + num_video_tokens)),
+        video_positions=list(range(start, start + num_video_tokens)),
     )
+
+
+def caption_prompt(template: Template, modality: Modality, instruction: str) -> tuple[str, str]:
+    """(prompt, end) of a stage-2 caption sample: the original's ``prompt_template`` around a line of
+    its ``prompts/alignment_image.txt`` (``<Image><ImageHere></Image> {instruction}``)."""
+    wrap, end = CAPTION_PROMPTS[template]
+    tag = "Video" if modality == "video" else "Image"
+    return wrap.replace("{}", f"<{tag}>{IMAGE_PATCH_TOKEN}</{tag}> {instruction}"), end
 
 
 def frame_times_message(seconds: Sequence[float]) -> str:
@@ -106,20 +158,29 @@ def _visual_block(modality: Modality, num_video_tokens: int) -> str:
 
 
 def _with_visual(turns: Sequence[tuple[str, str]], modality: Modality, block: str, message: str):
-    """Put the placeholder block in the first question (LLaVA's ``<image>`` marker, else a prefix)."""
+    """Put the placeholder block where the original does.
+
+    Videos: before the first question, with the frame-timestamp message. Images: at LLaVA's
+    ``<image>`` marker, in whichever turn it is; a second marker is dropped (the original would put
+    a second block there and crash on the count), no marker at all puts the block before the first
+    question. ``<ImageHere>`` text in the data is removed so it cannot break the count.
+    """
     turns = [(q.replace(IMAGE_PATCH_TOKEN, ""), a.replace(IMAGE_PATCH_TOKEN, "")) for q, a in turns]
-    q0, a0 = turns[0]
-    if modality == "image" and "<image>" in q0:
-        q0 = q0.replace("<image>", block, 1).replace("<image>", "")
+    texts = [t for pair in turns for t in pair]
+    marked = next((i for i, t in enumerate(texts) if "<image>" in t), None) if modality == "image" else None
+    if marked is None:
+        texts[0] = f"{block} {message}{texts[0]}"
     else:
-        q0 = f"{block} {message}{q0}"
-    return [(q0, a0), *[(q.replace("<image>", ""), a) for q, a in turns[1:]]]
+        texts = [t if i == marked else t.replace("<image>", "") for i, t in enumerate(texts)]
+        head, _, tail = texts[marked].partition("<image>")
+        texts[marked] = head + block + tail.replace("<image>", "")
+    return list(zip(texts[0::2], texts[1::2], strict=True))
 
 
 def render_conversation(
     turns: Sequence[tuple[str, str]], template: Template
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The prompt string (without BOS) and the character spans whose tokens are supervised."""
+    """The prompt string (without BOS) and the character spans of the answers (``answers`` labels)."""
     text, spans = "", []
     if template == "vicuna":
         text = VICUNA_HEADER
@@ -137,8 +198,45 @@ def render_conversation(
     raise ValueError(f"unknown template {template!r}; use 'vicuna' or 'llama2'")
 
 
-def _supervised(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    return [any(s < hi and e > lo for lo, hi in spans) and e > s for s, e in offsets]
+def _ignore(labels: list[int], lo: int, hi: int) -> None:
+    for i in range(max(lo, 0), min(hi, len(labels))):
+        labels[i] = IGNORE_INDEX
+
+
+def _vicuna_original_labels(tokenizer, ids: list[int], turns: Sequence[tuple[str, str]]) -> list[int]:
+    """The original's ``_mask_targets``: piece lengths from tokenizing each piece on its own."""
+    labels = list(ids)
+    cur = len(_with_bos(tokenizer, VICUNA_HEADER))
+    _ignore(labels, 0, cur)
+    for q, a in turns:
+        human = len(_with_bos(tokenizer, f"###Human: {q}\n"))
+        _ignore(labels, cur + 2, cur + human)  # its first 2 tokens stay supervised
+        cur += human + len(_with_bos(tokenizer, f"###Assistant: {a}\n"))
+    return labels
+
+
+def _llama2_original_labels(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The original's ``preprocess_for_llama_v2``: per ``</s>`` round, mask ``[INST] ... [/INST]``."""
+    labels, cur = list(ids), 1
+    _ignore(labels, 0, cur)
+    for part in text.split("</s>"):
+        pieces = part.split("[/INST] ")
+        if not part or len(pieces) != 2:
+            break
+        instruction = len(_with_bos(tokenizer, pieces[0] + "[/INST] ")) - 2
+        _ignore(labels, cur, cur + instruction)
+        cur += len(_with_bos(tokenizer, part))
+    _ignore(labels, cur, len(labels))
+    return labels
+
+
+def _answer_labels(tokenizer, ids: list[int], text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """``answers``: a token is supervised when its characters overlap an answer span."""
+    if not tokenizer.is_fast:
+        raise ValueError("data.label_mask=answers needs a fast tokenizer (return_offsets_mapping)")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    keep = [False] + [any(s < hi and e > lo for lo, hi in spans) and e > s for s, e in offsets]
+    return [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)]
 
 
 def conversation_sample(
@@ -149,25 +247,29 @@ def conversation_sample(
     message: str = "",
     num_video_tokens: int = 32,
     max_len: int = 512,
+    label_mask: LabelMask = "original",
 ) -> TextSample | None:
     """Stage 2: a (question, answer) list -> ids and labels; None when it cannot fit ``max_len``.
 
     ``message`` is inserted after the video block (``frame_times_message(...)`` for videos).
-    Needs a fast tokenizer (character offsets).
     """
     if not turns:
         return None
-    if not tokenizer.is_fast:
-        raise ValueError("conversation_sample needs a fast tokenizer (return_offsets_mapping)")
-    block = _visual_block(modality, num_video_tokens)
-    text, spans = render_conversation(_with_visual(turns, modality, block, message), template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = [tokenizer.bos_token_id, *enc.input_ids][:max_len]
-    mask = [False, *_supervised(enc.offset_mapping, spans)][:max_len]
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    if label_mask not in LABEL_MASKS:
+        raise ValueError(f"label_mask must be one of {LABEL_MASKS}, not {label_mask!r}")
+    turns = _with_visual(turns, modality, _visual_block(modality, num_video_tokens), message)
+    text, spans = render_conversation(turns, template)
+    ids = _with_bos(tokenizer, text)
+    if label_mask == "answers":
+        labels = _answer_labels(tokenizer, ids, text, spans)
+    elif template == "vicuna":
+        labels = _vicuna_original_labels(tokenizer, ids, turns)
+    else:
+        labels = _llama2_original_labels(tokenizer, ids, text)
+    ids, labels = ids[:max_len], labels[:max_len]
     image_id = _image_token_id(tokenizer)
     positions = [i for i, t in enumerate(ids) if t == image_id]
-    if len(positions) != num_video_tokens or not any(mask):
+    if len(positions) != num_video_tokens or all(lab == IGNORE_INDEX for lab in labels):
         return None  # truncation cut the video block or left nothing to learn
     return TextSample(input_ids=ids, labels=labels, video_positions=positions)
 

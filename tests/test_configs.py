@@ -51,7 +51,14 @@ def test_real_size_stage1_mirrors_the_original_recipe():
         2500,
         0.05,
     )
-    assert lr_at(12500, o, 12500) == pytest.approx(8e-5)
+    assert o.grad_clip == 0.0  # the original clips nothing
+    # the schedule at its borders, by hand: S = 5 x 2500 iterations, the cosine counts from step 0
+    assert lr_at(0, o, 12500) == pytest.approx(1e-6, rel=1e-12)
+    assert lr_at(2499, o, 12500) == pytest.approx(9.99604e-5, rel=1e-12)  # 1e-6 + 9.9e-5 * 2499/2500
+    # 8e-5 + 1e-5 * (1 + cos(pi/5)), cos(pi/5) = 0.80901699437494742
+    assert lr_at(2500, o, 12500) == pytest.approx(9.8090169943749474e-5, rel=1e-12)
+    # 8e-5 + 1e-5 * (1 - cos(pi/12500)) ~ 8e-5 + 1e-5 * (pi/12500)^2 / 2 = 8e-5 + 3.1582734e-13
+    assert lr_at(12499, o, 12500) == pytest.approx(8.00000003158273e-5, rel=1e-14)
     m = cfg.model_config()
     assert (m.vision_layers, m.llm_hidden_size, m.feature_dim) == (39, 4096, 768)
 
@@ -71,8 +78,12 @@ def test_real_size_stage2_mirrors_the_original_recipe():
         1000,
         0.05,
     )
-    assert lr_at(0, o, 3000) == 1e-6 and lr_at(1000, o, 3000) == pytest.approx(3e-5)
-    assert lr_at(3000, o, 3000) == pytest.approx(1e-5)
+    assert o.grad_clip == 0.0  # the original clips nothing
+    assert lr_at(0, o, 3000) == pytest.approx(1e-6, rel=1e-12)
+    assert lr_at(999, o, 3000) == pytest.approx(2.9971e-5, rel=1e-12)  # 1e-6 + 2.9e-5 * 999/1000
+    assert lr_at(1000, o, 3000) == pytest.approx(2.5e-5, rel=1e-12)  # 1e-5 + 1e-5 * (1 + cos(pi/3))
+    # 1e-5 + 1e-5 * (1 - cos(pi/3000)), 1 - cos(x) = x^2/2 - x^4/24 = 5.4831130550e-7
+    assert lr_at(2999, o, 3000) == pytest.approx(1.0000005483113055e-5, rel=1e-14)
     # the original mixes its three instruction sets uniformly; images are 1-frame clips
     assert [(s.weight, s.num_frames) for s in d.specs()] == [(1, 1), (1, 1), (1, 8)]
     assert cfg.init_from and cfg.model_config().llm_path == "models/vicuna-7b"

@@ -1,4 +1,5 @@
-"""Prompt and label building, checked token by token.
+"""Prompt and label building, checked token by token: ``label_mask=answers`` and the shared pieces
+(the original's masks, the default, are pinned in tests/test_original_labels.py).
 
 Most tests use a character-level tokenizer (every ASCII character is one token, ``<s>``, ``</s>`` and
 ``<ImageHere>`` are single tokens), so the expected ids and label mask are written here directly from
@@ -76,7 +77,9 @@ def test_char_tokenizer_is_one_token_per_char(char_tok):
 def test_vicuna_video_labels_token_by_token(char_tok):
     msg = frame_times_message([0.0, 1.2, 2.4])
     turns = [("What is it?", "A dog."), ("Color?", "Brown.")]
-    sample = conversation_sample(char_tok, turns, template="vicuna", modality="video", message=msg)
+    sample = conversation_sample(
+        char_tok, turns, template="vicuna", modality="video", message=msg, label_mask="answers"
+    )
     ids, labels = expected(
         char_tok,
         [
@@ -94,7 +97,9 @@ def test_vicuna_video_labels_token_by_token(char_tok):
 
 def test_llama2_video_labels_token_by_token(char_tok):
     turns = [("What is it?", "A dog."), ("Color?", "Brown.")]
-    sample = conversation_sample(char_tok, turns, template="llama2", modality="video", message="M. ")
+    sample = conversation_sample(
+        char_tok, turns, template="llama2", modality="video", message="M. ", label_mask="answers"
+    )
     ids, labels = expected(
         char_tok,
         [
@@ -111,7 +116,7 @@ def test_llama2_video_labels_token_by_token(char_tok):
 
 def test_image_marker_is_replaced(char_tok):
     turns = [("<image>\nWhat is shown?", "A cat.")]
-    sample = conversation_sample(char_tok, turns, template="vicuna", modality="image")
+    sample = conversation_sample(char_tok, turns, template="vicuna", modality="image", label_mask="answers")
     ids, labels = expected(
         char_tok,
         [
@@ -124,14 +129,24 @@ def test_image_marker_is_replaced(char_tok):
 
 def test_truncation_keeps_video_or_skips(char_tok):
     turns = [("Q?", "First answer."), ("Again?", "Second answer that is long.")]
-    full = conversation_sample(char_tok, turns, template="vicuna", max_len=10_000)
+    full = conversation_sample(char_tok, turns, template="vicuna", label_mask="answers", max_len=10_000)
     assert len(full.input_ids) > 100
-    cut = conversation_sample(char_tok, turns, template="vicuna", max_len=len(full.input_ids) - 5)
+    cut = conversation_sample(
+        char_tok, turns, template="vicuna", label_mask="answers", max_len=len(full.input_ids) - 5
+    )
     assert cut.input_ids == full.input_ids[:-5] and cut.labels == full.labels[:-5]
-    assert conversation_sample(char_tok, turns, template="vicuna", max_len=30) is None  # video block cut
+    assert (
+        conversation_sample(char_tok, turns, template="vicuna", label_mask="answers", max_len=30) is None
+    )  # video block cut
     prompt_only = len("\n\n###Human: <Video>") + 1 + 32 + len("</Video> Q?\n###Assistant: ")
-    assert conversation_sample(char_tok, turns, template="vicuna", max_len=prompt_only) is None
-    assert conversation_sample(char_tok, turns, template="vicuna", max_len=prompt_only + 1) is not None
+    assert (
+        conversation_sample(char_tok, turns, template="vicuna", label_mask="answers", max_len=prompt_only)
+        is None
+    )
+    assert (
+        conversation_sample(char_tok, turns, template="vicuna", label_mask="answers", max_len=prompt_only + 1)
+        is not None
+    )
 
 
 def test_placeholder_text_in_data_cannot_break_the_count(char_tok):
@@ -159,7 +174,7 @@ def test_bpe_tokenizer_supervises_whole_answers():
         ("vicuna", " a woman is cooking pasta in a kitchen.\n###"),
         ("llama2", " a woman is cooking pasta in a kitchen. </s>"),
     ):
-        s = conversation_sample(tok, turns, template=template)
+        s = conversation_sample(tok, turns, template=template, label_mask="answers")
         supervised = [t for t in s.labels if t != IGNORE_INDEX]
         assert tok.decode(supervised) in (answer, answer.lstrip())
         assert [s.input_ids[p] for p in s.video_positions] == [image_id] * 32

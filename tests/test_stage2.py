@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import ConfigError, load_config
 from pipeline.model import VideoLLaMA, tiny
-from pipeline.prompts import IGNORE_INDEX, IMAGE_PATCH_TOKEN, prepare_tokenizer
+from pipeline.prompts import IGNORE_INDEX, IMAGE_PATCH_TOKEN, conversation_sample, prepare_tokenizer
 from pipeline.sample_data import write_clip
 from pipeline.shards import inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
@@ -199,6 +199,32 @@ def check_rows(batch: dict, tok, template: str, folder: Path, first_question) ->
     return seen
 
 
+# the original's stage-2 cc_sbu_align form (video_llama.py prompt_wrap): prompt template and end string
+CAPTION_FORM = {
+    "vicuna": ("###Human: <Image>", "</Image> {} ###Assistant: ", "###"),
+    "llama2": ("[INST] " + SYS + "<Image>", "</Image> {} [/INST] ", "</s>"),
+}
+
+
+def check_caption_rows(batch: dict, tok, template: str, folder: Path) -> list[str]:
+    """Every row is [BOS] before <video> after caption+end, only caption+end supervised; returns the
+    instruction each row was asked."""
+    before, after, end = CAPTION_FORM[template]
+    seen = []
+    for row in range(batch["input_ids"].shape[0]):
+        caption = source_of(batch["frames"][row], folder)["meta"]["caption_raw"]  # raw, as the original
+        n = int(batch["attention_mask"][row].sum())
+        got = batch["input_ids"][row, :n].tolist(), batch["labels"][row, :n].tolist()
+        hits = [
+            q
+            for q in CAPTION_INSTRUCTIONS["image"]
+            if expected(tok, [(before + IMG + after.format(q), False), (caption + end, True)]) == got
+        ]
+        assert len(hits) == 1, tok.decode(got[0])
+        seen.append(hits[0])
+    return seen
+
+
 def pairs(meta) -> list[tuple[str, str]]:
     c = meta["conversations"]
     return [(c[i]["value"], c[i + 1]["value"]) for i in range(0, len(c), 2)]
@@ -215,10 +241,25 @@ def test_videochat_batches_token_by_token(instruct, char_tok, template):
         msg = f"The video contains 8 frames sampled at {stamps} seconds. "
         yield f"<Video>{IMG}</Video> {msg}{turns[0][0]}", turns
 
-    batches = take(stream([(instruct["videochat"], 1)], char_tok, template), 4)
+    batches = take(stream([(instruct["videochat"], 1)], char_tok, template, label_mask="answers"), 4)
     for b in batches:
         assert b["frames"].shape == (2, 8, 56, 56, 3)
         check_rows(b, char_tok, template, instruct["videochat"], first)
+    # the default, data.label_mask=original: the original's masks (pinned by hand in
+    # tests/test_original_labels.py) for each row's own turns and frame times. It keeps the too-long
+    # question, cut at max_len, as the original did: its "###" after the header is still supervised.
+    kept = take(stream([(instruct["videochat"], 1)], char_tok, template), 4)
+    for b in kept:
+        for row in range(2):
+            sample = source_of(b["frames"][row], instruct["videochat"])
+            ((q0, turns),) = first(sample)
+            msg = q0[len(f"<Video>{IMG}</Video> ") : -len(turns[0][0])]
+            want = conversation_sample(char_tok, turns, template, "video", msg)
+            n = len(want.input_ids)
+            assert b["input_ids"][row, :n].tolist() == want.input_ids
+            assert b["labels"][row].tolist() == want.labels + [IGNORE_INDEX] * (b["labels"].shape[1] - n)
+    # LLaMA-2 has nothing supervised before the question: skipped (twice in 8 samples of 4)
+    assert sum(b["too_long"] for b in kept) == (0 if template == "vicuna" else 2)
     stamps = samples_of(instruct["videochat"])[1]["meta"]["timestamps"]
     assert len(stamps) == 8 and stamps[0] == 0.0 and stamps[-1] > 0.5  # real decoder timestamps
     assert sum(b["too_long"] for b in batches) >= 1  # the 3,500-character question never fits 512
@@ -230,42 +271,48 @@ def test_image_batches_token_by_token(instruct, char_tok, template):
         turns = pairs(sample["meta"])
         yield turns[0][0].replace("<image>", f"<Image>{IMG}</Image>"), turns
 
-    def cc_sbu_first(sample):
-        caption = sample["meta"]["caption_raw"]  # the raw caption is the answer, as in the original
-        for q in CAPTION_INSTRUCTIONS["image"]:
-            yield f"<Image>{IMG}</Image> {q}", [(q, caption)]
-
-    for b in take(stream([(instruct["llava"], 1)], char_tok, template), 3):
+    for b in take(stream([(instruct["llava"], 1)], char_tok, template, label_mask="answers"), 3):
         assert b["frames"].shape == (2, 1, 56, 56, 3) and b["errors"] == b["too_long"] == 0
         check_rows(b, char_tok, template, instruct["llava"], llava_first)
     asked = []
     for b in take(stream([(instruct["cc_sbu_align"], 1)], char_tok, template), 6):
-        asked += check_rows(b, char_tok, template, instruct["cc_sbu_align"], cc_sbu_first)
+        asked += check_caption_rows(b, char_tok, template, instruct["cc_sbu_align"])
     assert len(set(asked)) > 1  # instructions drawn by the seeded RNG, not one fixed prompt
 
-    # a caption answer is cut to max_caption_tokens (here 12 characters), never the prompt
+    # caption + end are cut to max_caption_tokens (here 12 characters), never the prompt
     (b,) = take(stream([(instruct["cc_sbu_align"], 1)], char_tok, template, max_caption_tokens=12), 1)
     caption = source_of(b["frames"][0], instruct["cc_sbu_align"])["meta"]["caption_raw"]
     sup = [t for t in b["labels"][0].tolist() if t != IGNORE_INDEX]
-    end = "\n###" if template == "vicuna" else " </s>"
-    assert sup == expected(char_tok, [(caption[:12] + end, True)])[0][1:]
+    assert sup == expected(char_tok, [(caption[:12], True)])[0][1:]
 
 
 def test_too_long_is_skipped_counted_and_resumes_exactly(instruct, char_tok):
-    full = take(stream([(instruct["videochat"], 1)], char_tok, micro_batch=1), 8)
+    """With label_mask=answers a question cut before its answer leaves nothing to learn: skipped."""
+    full = take(stream([(instruct["videochat"], 1)], char_tok, micro_batch=1, label_mask="answers"), 8)
     assert all(b["input_ids"].shape[0] == 1 for b in full)
     skips = [b["too_long"] for b in full]
     long_video = samples_of(instruct["videochat"])[0]["frames"]
     assert all(not np.array_equal(b["frames"][0].numpy(), long_video) for b in full)
     assert sum(skips) >= 2 and full[-1]["cursor"]["samples"] == [8 + sum(skips)]
     # restart from the cursor after batch 3: the same batches and the same skips follow
-    rest = take(stream([(instruct["videochat"], 1)], char_tok, micro_batch=1, cursors=[full[2]["cursor"]]), 5)
+    rest = take(
+        stream(
+            [(instruct["videochat"], 1)],
+            char_tok,
+            micro_batch=1,
+            cursors=[full[2]["cursor"]],
+            label_mask="answers",
+        ),
+        5,
+    )
     for a, b in zip(full[3:], rest, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["frames"], b["frames"])
         assert a["too_long"] == b["too_long"] and a["cursor"] == b["cursor"]
     # two ranks: each still yields full batches whatever it skips (ranks never disagree on batch size)
     for rank in (0, 1):
-        got = take(stream([(instruct["videochat"], 1)], char_tok, rank=rank, world_size=2), 4)
+        got = take(
+            stream([(instruct["videochat"], 1)], char_tok, rank=rank, world_size=2, label_mask="answers"), 4
+        )
         assert all(b["input_ids"].shape[0] == 2 and b["video_mask"].sum() == 64 for b in got)
 
 
@@ -306,6 +353,7 @@ def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
     # bf16 as on a GPU: DeepSpeed then rebuilds its fp32 master weights from the bf16-cast module, which
     # the loop must undo (train.loop.set_master_weights) for stage 2 to start from the export exactly
     args = [f"init_from={stage1 / 'export'}", f"data.datasets=[{mix}]", f"run_dir={stage2}", "max_steps=6"]
+    args.append("data.label_mask=answers")  # skips the too-long question (the original's mask keeps it)
     args.append("precision=bf16")
     cfg = load_config(TrainConfig, STAGE2_TINY, args)
     # step 0 = build_model + the optimizer's fp32 master copy: both hold the stage-1 export, exactly
@@ -343,6 +391,7 @@ def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
         task="conversation",
         template="vicuna",
         max_len=cfg.data.max_len,
+        label_mask="answers",
     )
     expected_skips = np.cumsum([b["too_long"] for b in take(s, 6)]).tolist()
     assert [r["data_too_long"] for r in rows] == expected_skips and expected_skips[-1] >= 1

@@ -106,13 +106,19 @@ def write_feature_shards(frames_dir: Path, out: Path, fingerprint: str | None = 
 # ---- pieces ------------------------------------------------------------------------------------
 
 
-def test_schedule_warmup_then_cosine():
+def test_schedule_is_the_originals_linear_warmup_cosine():
+    """Values worked out by hand from LinearWarmupCosineLRScheduler (video_llama/common/optims.py)."""
     o = OptimConfig(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=10)
-    assert lr_at(0, o, 100) == pytest.approx(1e-6)
-    assert lr_at(5, o, 100) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
-    assert lr_at(10, o, 100) == pytest.approx(1e-4)
-    assert lr_at(55, o, 100) == pytest.approx(9e-5)
-    assert lr_at(100, o, 100) == pytest.approx(8e-5)
+    assert lr_at(0, o, 100) == pytest.approx(1e-6, rel=1e-12)
+    assert lr_at(5, o, 100) == pytest.approx(5.05e-5, rel=1e-12)  # 1e-6 + 9.9e-5 * 5/10
+    # the cosine counts from step 0, warm-up included: cos(pi * 10/100) = 0.95105651629515357
+    assert lr_at(10, o, 100) == pytest.approx(9.9510565162951536e-5, rel=1e-12)
+    assert lr_at(50, o, 100) == pytest.approx(9e-5, rel=1e-12)  # cos(pi/2) = 0
+    # 4 micro-batches per optimizer step: the warm-up spans 40 iterations, the cosine 400
+    assert lr_at(39, o, 400, accum=4) == pytest.approx(9.7525e-5, rel=1e-12)  # 1e-6 + 9.9e-5 * 39/40
+    assert lr_at(40, o, 400, accum=4) == pytest.approx(9.9510565162951536e-5, rel=1e-12)
+    # the warm-up is capped at init_lr: min(init, warmup_lr + ...)
+    assert lr_at(0, OptimConfig(init_lr=1e-4, warmup_lr=2e-4, warmup_steps=10), 100) == 1e-4
 
 
 def test_only_trainable_params_optimised_with_decay_on_matrices():

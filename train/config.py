@@ -29,10 +29,14 @@ class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)
     input: Literal["auto", "frames", "features"] = "auto"  # auto: cached features when the shards hold them
     num_frames: int = 8  # the shards must hold exactly this many frames per clip (per dataset: its own key)
-    # caption: stage 1, ``[BOS] <video> caption``; conversation: stage 2, the chat template with only the
-    # answers supervised (caption-only samples, e.g. cc_sbu_align, get a seeded instruction as question)
+    # caption: stage 1, ``[BOS] <video> caption``; conversation: stage 2, the chat template (caption-only
+    # samples, e.g. cc_sbu_align, take the original's prompt_wrap form with a seeded instruction)
     task: Literal["caption", "conversation"] = "caption"
     template: Literal["vicuna", "llama2"] | None = None  # conversation prompt style: must match the LLM
+    # conversation labels: original = the original's masks token for token (Vicuna: assistant turns whole
+    # with their "###Assistant: " header and newline, plus the "###" opening each human turn);
+    # answers = only each answer and what ends it ("\n###" / " </s>")
+    label_mask: Literal["original", "answers"] = "original"
     max_caption_tokens: int = 32  # a caption (also a caption used as answer) is cut to this many tokens
     max_len: int = 512  # conversation tokens incl. BOS and video block; too long: truncated, or skipped
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
@@ -56,7 +60,7 @@ class OptimConfig:
     weight_decay: float = 0.05  # on ndim >= 2 params; biases and norms 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (the original clips nothing)
 
 
 @dataclass
@@ -140,6 +144,8 @@ class TrainConfig:
         o = self.optim
         if not (o.init_lr > 0 and o.min_lr >= 0 and o.warmup_lr >= 0 and o.warmup_steps >= 0):
             raise ConfigError("optim: learning rates must be >= 0 (init_lr > 0) and warmup_steps >= 0")
+        if o.grad_clip < 0:
+            raise ConfigError("optim.grad_clip: must be >= 0 (0: no clipping)")
 
     def model_config(self) -> ModelConfig:
         base = dataclasses.asdict(preset(self.model_preset))

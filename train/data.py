@@ -17,10 +17,11 @@ Text, by ``data.task`` (pipeline.prompts builds ids and labels):
 
 * ``caption``: stage 1, ``[BOS] <ImageHere>*32 caption``;
 * ``conversation``: stage 2 in ``data.template`` style. Samples with ``meta["conversations"]`` (LLaVA,
-  VideoChat) use those turns; caption-only samples (cc_sbu_align) become one turn: an instruction drawn
-  with ``rng(seed, slot, batch, row)`` from ``CAPTION_INSTRUCTIONS`` and the raw caption as answer, as
-  MiniGPT-4 / Video-LLaMA trained them. 1-frame samples are images (``<Image>`` block); videos get the
-  ``<Video>`` block and the frame-timestamp message from ``meta["timestamps"]``.
+  VideoChat) use those turns, labelled by ``data.label_mask``; caption-only samples (cc_sbu_align) take
+  the original's ``prompt_wrap`` form: an instruction drawn with ``rng(seed, slot, batch, row)`` from
+  ``CAPTION_INSTRUCTIONS`` and the raw caption, as MiniGPT-4 / Video-LLaMA trained them. 1-frame
+  samples are images (``<Image>`` block); videos get the ``<Video>`` block and the frame-timestamp
+  message from ``meta["timestamps"]``.
 
 The cursor of a slot is ``{"batches": n, "samples": [samples consumed per dataset]}``; a restarted
 stream skips that many samples (whole shards by their counts from ``index.parquet``, then within one
@@ -44,7 +45,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import ConfigError
 from pipeline.model import ModelConfig
-from pipeline.prompts import TextSample, caption_sample, collate, conversation_sample, frame_times_message
+from pipeline.prompts import (
+    TextSample,
+    caption_prompt,
+    caption_sample,
+    collate,
+    conversation_sample,
+    frame_times_message,
+)
 from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
 # Questions for caption-only samples in conversation training (the wording of the original's
@@ -153,12 +161,6 @@ def _turns(conversations: Any) -> list[tuple[str, str]]:
     return list(zip(values[0::2], values[1::2], strict=False))
 
 
-def _cut_tokens(tokenizer, text: str, max_tokens: int) -> str:
-    """``text`` up to the end of its ``max_tokens``-th token (character offsets; no decode round trip)."""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
-    return text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]]
-
-
 class TrainStream(IterableDataset):
     """Batches for one rank. ``cursors[w]`` is logical worker w's cursor; ``offset`` rotates worker ids."""
 
@@ -180,10 +182,11 @@ class TrainStream(IterableDataset):
         task: str = "caption",
         template: str | None = None,
         max_len: int = 512,
+        label_mask: str = "original",
     ):
         self.datasets, self.kind, self.tokenizer, self.mcfg = datasets, kind, tokenizer, mcfg
         self.micro_batch, self.max_caption_tokens = micro_batch, max_caption_tokens
-        self.task, self.template, self.max_len = task, template, max_len
+        self.task, self.template, self.max_len, self.label_mask = task, template, max_len, label_mask
         if task == "conversation" and template is None:
             raise ConfigError("data.template: conversation training needs 'vicuna' or 'llama2'")
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
@@ -198,16 +201,24 @@ class TrainStream(IterableDataset):
             return None
         return int(np.random.default_rng([self.seed, 2, slot, batch, row]).integers(len(x)))
 
-    def _caption_turn(self, sample: dict[str, Any], modality: str, slot: int, batch: int, row: int):
-        """cc_sbu_align & co. in stage 2: (seeded instruction, raw caption cut to max_caption_tokens)."""
+    def _caption_text(self, sample: dict[str, Any], modality: str, slot: int, batch: int, row: int):
+        """cc_sbu_align & co. in stage 2: the original's prompt_wrap form with a seeded instruction and
+        the raw caption (the original's cc_sbu_align dataset did not clean it)."""
         raw = (sample.get("meta") or {}).get("caption_raw")
-        answer = raw.strip() if isinstance(raw, str) and raw.strip() else sample.get("caption") or ""
-        if not answer:
-            return []
-        answer = _cut_tokens(self.tokenizer, answer, self.max_caption_tokens)
+        caption = raw.strip() if isinstance(raw, str) and raw.strip() else sample.get("caption") or ""
+        if not caption:
+            return "error"
         pool = CAPTION_INSTRUCTIONS[modality]
-        question = pool[int(np.random.default_rng([self.seed, 3, slot, batch, row]).integers(len(pool)))]
-        return [(question, answer)]
+        instruction = pool[int(np.random.default_rng([self.seed, 3, slot, batch, row]).integers(len(pool)))]
+        prompt, end = caption_prompt(self.template, modality, instruction)
+        return caption_sample(
+            self.tokenizer,
+            caption,
+            num_video_tokens=self.mcfg.num_video_query_tokens,
+            max_caption_tokens=self.max_caption_tokens,
+            end=end,
+            prompt=prompt,
+        )
 
     def _text(self, sample: dict[str, Any], x: np.ndarray, view: int | None, slot: int, batch: int, row: int):
         """ids + labels for one sample; "error" for an unusable sample, "too_long" for one that cannot fit."""
@@ -224,10 +235,9 @@ class TrainStream(IterableDataset):
         frames = x.shape[-SAMPLE_NDIM[self.kind]]  # T of [T,H,W,3] or [T,32,D]
         modality = "image" if frames == 1 else "video"
         meta = sample.get("meta") or {}
-        if "conversations" in meta:
-            turns = _turns(meta["conversations"])
-        else:
-            turns = self._caption_turn(sample, modality, slot, batch, row)
+        if "conversations" not in meta:
+            return self._caption_text(sample, modality, slot, batch, row)
+        turns = _turns(meta["conversations"])
         message = ""
         if modality == "video":
             stamps = meta.get("timestamps")
@@ -239,7 +249,14 @@ class TrainStream(IterableDataset):
         if not turns:
             return "error"
         text = conversation_sample(
-            self.tokenizer, turns, self.template, modality, message, n_video, max_len=self.max_len
+            self.tokenizer,
+            turns,
+            self.template,
+            modality,
+            message,
+            n_video,
+            max_len=self.max_len,
+            label_mask=self.label_mask,
         )
         return "too_long" if text is None else text
 

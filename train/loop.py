@@ -20,8 +20,8 @@ Several nodes: ``srun`` one task per GPU with MASTER_ADDR/MASTER_PORT exported (
 Restarting the same command resumes from the newest complete checkpoint in ``run_dir`` with the same
 losses as a run that never stopped (model, optimizer, data cursors and RNG all restored).
 
-The schedule: linear warm-up from ``warmup_lr`` to ``init_lr`` over ``warmup_steps``, then cosine to
-``min_lr`` at ``max_steps``, set every step. (The original's cosine stepped once per epoch.)
+The schedule is the original's ``LinearWarmupCosineLRScheduler`` (``lr_at``), set before every
+micro-batch's forward; no gradient clipping unless ``optim.grad_clip`` is set (the original clips nothing).
 """
 
 from __future__ import annotations
@@ -70,13 +70,19 @@ class StopRequest:
         self.requested = True
 
 
-def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
-    if step < o.warmup_steps:
-        return o.warmup_lr + (o.init_lr - o.warmup_lr) * step / max(o.warmup_steps, 1)
-    span = max(max_steps - o.warmup_steps, 1)
-    progress = min((step - o.warmup_steps) / span, 1.0)
-    return o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_at(iteration: int, o: OptimConfig, total: int, accum: int = 1) -> float:
+    """The original's ``LinearWarmupCosineLRScheduler`` at 0-based micro-batch ``iteration`` of ``total``.
+
+    Warm-up ``min(init, warmup_lr + (init - warmup_lr) * s / W)``, then ``min_lr + (init - min_lr) *
+    (1 + cos(pi * s / S)) / 2`` with ``s`` counted from the first step, warm-up included: the cosine
+    does not restart after warm-up (stage 1 continues at 9.81e-5, not 1e-4). ``warmup_steps`` counts
+    optimizer steps, so with ``accum`` micro-batches per step it spans ``warmup_steps * accum``
+    iterations (the original's iterations were micro-batches; its recipes have ``accum`` 1).
+    """
+    warmup = o.warmup_steps * accum
+    if iteration < warmup:
+        return min(o.init_lr, o.warmup_lr + (o.init_lr - o.warmup_lr) * iteration / max(warmup, 1))
+    return o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
 
 
 def param_groups(model: VideoLLaMA, weight_decay: float) -> list[dict[str, Any]]:
@@ -272,6 +278,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         task=cfg.data.task,
         template=cfg.data.template,
         max_len=cfg.data.max_len,
+        label_mask=cfg.data.label_mask,
         rank=rank,
         world_size=world,
         workers=cfg.data.workers,
@@ -317,13 +324,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     errors_total, too_long_total = skipped.get("errors", 0), skipped.get("too_long", 0)
     last_saved, loss = None, float("nan")
     while step < max_steps:
-        lr = lr_at(step, o, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t_step = time.perf_counter()
         wait = loss_sum = 0.0
         tokens = samples = errors = too_long = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
+            lr = lr_at(step * cfg.grad_accum + micro, o, max_steps * cfg.grad_accum, cfg.grad_accum)
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # before the forward, as the original; the last one is the step's
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
