@@ -1,6 +1,7 @@
 """Command line: maps commands to each stage's ``run(cfg)``; no logic lives here.
 
-python cli.py make-sample --output data/webvid_sample --clips 16
+python cli.py make-sample --output data/webvid_sample --clips 16   [--grounded: a corpus that can be learned]
+python cli.py tiny-llm --annotations A --output LLM   (then model.llm_path=LLM)
 python cli.py preprocess --annotations A --videos V --output OUT [--format arrow] [key=value ...]
 python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
@@ -37,25 +38,65 @@ def main() -> None:
 @click.option(
     "--output", required=True, type=click.Path(file_okay=False), help="folder for annotations/ and videos/"
 )
-@click.option("--clips", default=16, show_default=True, help="number of clips")
+@click.option("--clips", default=16, show_default=True, help="number of clips (not with --grounded)")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--min-seconds", default=5.0, show_default=True)
-@click.option("--max-seconds", default=20.0, show_default=True)
+@click.option("--min-seconds", type=float, help="[5]")
+@click.option("--max-seconds", type=float, help="[20; 7 with --grounded]")
 @click.option("--tars", is_flag=True, help="write WebDataset tars of videos instead of CSV + folders")
 @click.option("--faults", is_flag=True, help="add a missing, an empty and a truncated video row")
+@click.option("--grounded", is_flag=True, help="captions that describe the clip: train/ and heldout/ splits")
+@click.option("--per-combination", default=6, show_default=True, help="--grounded: training clips per triple")
+@click.option("--workers", default=2, show_default=True, help="--grounded: encoding processes")
 def make_sample(
-    output: str, clips: int, seed: int, min_seconds: float, max_seconds: float, tars: bool, faults: bool
+    output, clips, seed, min_seconds, max_seconds, tars, faults, grounded, per_combination, workers
 ) -> None:
-    """Write a small synthetic WebVid-layout corpus (596x336 H.264 clips with captions)."""
-    from pipeline.sample_data import make_webvid_sample, make_webvid_tars
+    """Write a small synthetic WebVid-layout corpus (596x336 H.264 clips with captions).
 
-    if tars:
-        click.echo(make_webvid_tars(output, clips, seed=seed, seconds=(min_seconds, max_seconds)))
-    else:
-        paths = make_webvid_sample(
-            output, clips, seed=seed, seconds=(min_seconds, max_seconds), faults=faults
+    --grounded: one coloured shape moving over noise, captioned "a red square moves left", in
+    OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + 4 colour/shape/direction triples never trained
+    on); the CSVs also carry the factors (colour, shape, direction, combination) for pipeline.grounded.
+    """
+    from pipeline.sample_data import make_grounded_sample, make_webvid_sample, make_webvid_tars
+
+    seconds = (min_seconds or 5.0, max_seconds or (7.0 if grounded else 20.0))
+    if grounded:
+        paths = make_grounded_sample(
+            output, per_combination, seed=seed, seconds=seconds, faults=faults, workers=workers
         )
+        click.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    elif tars:
+        click.echo(make_webvid_tars(output, clips, seed=seed, seconds=seconds))
+    else:
+        paths = make_webvid_sample(output, clips, seed=seed, seconds=seconds, faults=faults)
         click.echo(f"annotations: {paths['annotations']}\nvideos: {paths['videos']}")
+
+
+@main.command("tiny-llm")
+@click.option(
+    "--annotations", required=True, help="WebVid CSV/TSV file or folder with captions (column name)"
+)
+@click.option(
+    "--output", required=True, type=click.Path(file_okay=False), help="Hugging Face folder to write"
+)
+@click.option("--steps", type=int, help="training steps [400]")
+@click.option("--seed", type=int, help="[0]")
+@click.argument("overrides", nargs=-1)
+def tiny_llm(overrides, **flags) -> None:
+    """Train a tiny Llama + tokenizer on the captions (seconds on a CPU): use it as model.llm_path=OUTPUT.
+
+    It learns the captions' language, both prompt templates and to read an informative prefix where the
+    video tokens go; prints its held-out perplexity and caption loss with and without that prefix.
+    """
+    from pipeline.tiny_llm import TinyLLMConfig, format_report, run
+
+    try:
+        cfg = load_config(
+            TinyLLMConfig, None, list(overrides), values={k: v for k, v in flags.items() if v is not None}
+        )
+        report = run(cfg)
+    except ConfigError as e:
+        _fail(e)
+    click.echo(format_report(report))
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -370,6 +411,34 @@ def report(run_dir, shards, overrides, **flags) -> None:
     except ConfigError as e:
         _fail(e)
     click.echo(f"report: {paths['html']}\n        {paths['png']}  ({paths['clips']} clips)")
+
+
+@main.command("grounded-eval")
+@click.argument("checkpoint")
+@click.argument("shards")
+@click.option("--output", help="folder for grounded_eval.json and grounded_captions.jsonl")
+@click.option("--no-ablations", is_flag=True, help="skip the shuffled-features and reversed-frames runs")
+@click.option("--device", help="cpu, cuda [auto]")
+@click.argument("overrides", nargs=-1)
+def grounded_eval(checkpoint, shards, output, no_ablations, device, overrides) -> None:
+    """Per-factor accuracy (colour, shape, direction) of greedy captions on grounded held-out SHARDS
+    (cached features), seen vs novel triples, and the shuffled-features / reversed-frames ablations."""
+    from infer.grounded import GroundedEvalConfig, format_report, run
+
+    values = {
+        "model.checkpoint": checkpoint,
+        "shards": shards,
+        "output": output,
+        "ablations": not no_ablations,
+    }
+    if device:
+        values["model.device"] = device
+    try:
+        cfg = load_config(GroundedEvalConfig, None, list(overrides), values=values)
+        report = run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+    click.echo(format_report(report))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""A small WebVid-layout corpus written by the project itself (no downloads).
+"""Small WebVid-layout corpora written by the project itself (no downloads).
 
 Clips have WebVid's shape: H.264 in MP4, 596x336, 5-20 s, ~1 Mbit/s, 25 fps, with a caption each.
-The picture is moving shapes over a drifting gradient plus noise, so the encoder spends real bits
-and decoding costs what a real clip costs. The same ``seed`` gives the same files.
+The same ``seed`` gives the same files. Two kinds:
+
+* ``make_webvid_sample``: moving boxes over a drifting gradient plus noise, captioned with random
+  stock-footage words (decoding costs what a real clip costs; the captions say nothing about it).
+* ``make_grounded_sample``: one coloured shape moving over a noisy background, captioned with what it
+  shows (``a red square moves left``, see ``pipeline.grounded``), as a ``train/`` and a ``heldout/``
+  split of fresh renders; the held-out split also holds combinations never seen in training. The
+  annotation CSVs carry each clip's factors (columns ``colour``, ``shape``, ``direction``,
+  ``combination`` = ``seen``/``novel``) next to the WebVid columns, which the preprocessing job
+  ignores and ``pipeline.grounded`` scores against. Training on it can *learn*: the caption is a
+  function of the pictures, and the direction only of their order.
 """
 
 from __future__ import annotations
@@ -11,11 +20,17 @@ import csv
 import io
 import json
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import av
 import numpy as np
+
+from pipeline import grounded
+from pipeline.grounded import FACTORS
 
 WORDS = [
     "a",
@@ -112,9 +127,14 @@ def write_clip(
     height: int = 336,
     seed: int = 0,
     bit_rate: int = 1_000_000,
+    render: Callable[[int, int], Iterable[np.ndarray]] | None = None,
 ) -> None:
-    """Encode a synthetic H.264 MP4 clip with PyAV (libx264, yuv420p)."""
+    """Encode a synthetic H.264 MP4 clip with PyAV (libx264, yuv420p).
+
+    ``render(start, n)`` yields frames ``start..start+n`` (``[H, W, 3]`` uint8; default: ``clip_frames``)."""
     n = max(1, round(seconds * fps))
+    if render is None:
+        render = partial(_boxes, width=width, height=height, seed=seed)
     container = av.open(path, mode="w", format="mp4")
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -122,11 +142,14 @@ def write_clip(
     stream.options = {"preset": "veryfast", "g": str(2 * fps)}
     chunk = 50  # generate frames in chunks to keep memory small for long clips
     for start in range(0, n, chunk):
-        frames = clip_frames(min(chunk, n - start), width, height, seed, start)
-        for img in frames:
+        for img in render(start, min(chunk, n - start)):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
     container.mux(stream.encode())
     container.close()
+
+
+def _boxes(start: int, n: int, *, width: int, height: int, seed: int) -> np.ndarray:
+    return clip_frames(n, width, height, seed, start)
 
 
 def caption_for(rng: np.random.Generator) -> str:
@@ -181,13 +204,22 @@ def make_webvid_sample(
                 ]
             )
         if faults and plan:
-            page = root / "videos" / plan[0].page_dir
-            good = (page / f"{plan[0].videoid}.mp4").read_bytes()
-            (page / "9000000002.mp4").write_bytes(b"")
-            (page / "9000000003.mp4").write_bytes(good[: len(good) // 3])
-            for vid in ("9000000001", "9000000002", "9000000003"):
-                w.writerow([vid, "", "", plan[0].page_dir, f"faulty row {vid}"])
+            write_faulty_rows(w, root / "videos" / plan[0].page_dir, f"{plan[0].videoid}.mp4")
     return {"annotations": str(root / "annotations"), "videos": str(root / "videos")}
+
+
+FAULTY_IDS = ("9000000001", "9000000002", "9000000003")  # missing, empty, truncated
+
+
+def write_faulty_rows(writer, page: Path, good_clip: str, extra: tuple[str, ...] = ()) -> None:
+    """Three rows WebVid copies are known for, next to ``page/good_clip``: a missing file, an empty
+    file and a truncated download (the preprocessing job reports each as a failed row). ``extra``
+    fills any columns after ``name``."""
+    good = (page / good_clip).read_bytes()
+    (page / f"{FAULTY_IDS[1]}.mp4").write_bytes(b"")
+    (page / f"{FAULTY_IDS[2]}.mp4").write_bytes(good[: len(good) // 3])
+    for vid in FAULTY_IDS:
+        writer.writerow([vid, "", "", page.name, f"faulty row {vid}", *extra])
 
 
 def make_webvid_tars(
@@ -219,3 +251,190 @@ def make_webvid_tars(
                     info.size, info.mtime = len(data), 0
                     tar.addfile(info, io.BytesIO(data))
     return str(root)
+
+
+# ---- the grounded corpus ------------------------------------------------------------------------------
+
+GROUNDED_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name", *FACTORS, "combination")
+
+
+@dataclass(frozen=True)
+class GroundedClip:
+    videoid: str
+    page_dir: str
+    colour: str
+    shape: str
+    direction: str
+    combination: str  # "seen" (its triple occurs in training) or "novel" (held out as a whole)
+    seconds: float
+    seed: int
+
+    @property
+    def caption(self) -> str:
+        return grounded.caption(self.colour, self.shape, self.direction)
+
+
+def shape_mask(shape: str, half: int) -> np.ndarray:
+    """Boolean ``[2*half, 2*half]`` mask of a square, a disk or an upward triangle."""
+    yy, xx = np.mgrid[0 : 2 * half, 0 : 2 * half] + 0.5
+    if shape == "square":
+        return np.ones((2 * half, 2 * half), dtype=bool)
+    if shape == "circle":
+        return (yy - half) ** 2 + (xx - half) ** 2 <= half**2
+    if shape == "triangle":
+        return np.abs(xx - half) <= yy / 2  # apex at the top centre, base along the bottom
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(grounded.SHAPES)}")
+
+
+def grounded_path(
+    direction: str, half: int, width: int, height: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners at the first and last frame: a straight move covering 50-75 % of the free
+    span along the axis, from a random start, so no single frame tells the direction."""
+    horizontal = direction in ("left", "right")
+    span = (width if horizontal else height) - 2 * half - 8
+    travel = rng.uniform(0.5, 0.75) * span
+    lo = 4 + rng.uniform(0, span - travel)
+    a, b = (lo + travel, lo) if direction in ("left", "up") else (lo, lo + travel)
+    across = 4 + rng.uniform(0, (height if horizontal else width) - 2 * half - 8)
+    if horizontal:
+        return np.array([a, across]), np.array([b, across])
+    return np.array([across, a]), np.array([across, b])
+
+
+def grounded_frames(clip: GroundedClip, total: int, width: int, height: int) -> Callable:
+    """``render(start, n)`` for ``write_clip``: the clip's shape at its place on frame t of ``total``,
+    over a static background of blocky and fine noise around a random grey."""
+    rng = np.random.default_rng(clip.seed)
+    grey = rng.uniform(70, 150) + rng.uniform(-12, 12, size=3)
+    blocks = rng.normal(0, 28, size=(height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+    fine = rng.normal(0, 12, size=(height, width, 3))
+    background = np.clip(grey + blocks[:height, :width] + fine, 0, 255).astype(np.uint8)
+    half = int(height * rng.uniform(0.13, 0.19))  # 44-64 px at 336
+    mask = shape_mask(clip.shape, half)
+    first, last = grounded_path(clip.direction, half, width, height, rng)
+    colour = np.array(grounded.COLOURS[clip.colour], dtype=np.uint8)
+
+    def render(start: int, n: int) -> Iterator[np.ndarray]:
+        frame = np.empty_like(background)
+        for t in range(start, start + n):
+            x, y = np.rint(first + (last - first) * t / max(total - 1, 1)).astype(int)
+            np.copyto(frame, background)
+            patch = frame[y : y + 2 * half, x : x + 2 * half]
+            np.copyto(patch, colour, where=mask[..., None])
+            yield frame
+
+    return render
+
+
+def _write_grounded(path: Path, clip: GroundedClip, fps: int, width: int, height: int) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    total = max(1, round(clip.seconds * fps))
+    tmp = path.with_suffix(".part")
+    write_clip(
+        tmp,
+        clip.seconds,
+        fps=fps,
+        width=width,
+        height=height,
+        render=grounded_frames(clip, total, width, height),
+    )
+    tmp.rename(path)
+
+
+def plan_grounded(
+    per_combination: int, heldout_per_combination: int, novel_per_combination: int, seed: int, seconds
+) -> dict[str, list[GroundedClip]]:
+    """Clip specs per split: ``train`` (every seen triple ``per_combination`` times) and ``heldout``
+    (fresh renders of every seen triple, then the ``NOVEL`` triples), each in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    seen = [c for c in grounded.combinations() if c not in grounded.NOVEL]
+    wanted = {
+        "train": [(c, "seen") for c in seen for _ in range(per_combination)],
+        "heldout": [(c, "seen") for c in seen for _ in range(heldout_per_combination)]
+        + [(c, "novel") for c in grounded.NOVEL for _ in range(novel_per_combination)],
+    }
+    plan, n = {}, 0
+    for split, items in wanted.items():
+        clips = []
+        for k in rng.permutation(len(items)):
+            (colour, shape, direction), combination = items[k]
+            page = f"{(n // 100) * 100 + 1:06d}_{(n // 100) * 100 + 100:06d}"
+            secs = float(np.round(rng.uniform(*seconds), 2))
+            clip_seed = int(rng.integers(2**31))
+            clips.append(
+                GroundedClip(
+                    str(2000000000 + seed * 100000 + n),
+                    page,
+                    colour,
+                    shape,
+                    direction,
+                    combination,
+                    secs,
+                    clip_seed,
+                )
+            )
+            n += 1
+        plan[split] = clips
+    return plan
+
+
+def make_grounded_sample(
+    root: str | Path,
+    per_combination: int = 6,
+    *,
+    heldout_per_combination: int = 1,
+    novel_per_combination: int = 3,
+    seed: int = 0,
+    seconds: tuple[float, float] = (5.0, 7.0),
+    width: int = 596,
+    height: int = 336,
+    fps: int = 25,
+    faults: bool = False,
+    workers: int = 2,
+) -> dict[str, str]:
+    """Write ``root/{train,heldout}/annotations/0.csv`` and the clips under ``root/videos/``.
+
+    With the defaults: 44 seen triples x 6 = 264 training clips, 44 + 4 x 3 = 56 held-out clips.
+    ``faults`` adds a missing, an empty and a truncated row to the training split. Clips are encoded
+    by ``workers`` processes; an existing clip is kept (a rerun only writes what is missing)."""
+    root = Path(root)
+    plan = plan_grounded(per_combination, heldout_per_combination, novel_per_combination, seed, seconds)
+    jobs = [(root / "videos" / c.page_dir / f"{c.videoid}.mp4", c) for clips in plan.values() for c in clips]
+    write = partial(_write_grounded, fps=fps, width=width, height=height)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(write, *zip(*jobs, strict=True), chunksize=4))
+    else:
+        for path, clip in jobs:
+            write(path, clip)
+    paths = {"videos": str(root / "videos")}
+    for split, clips in plan.items():
+        ann = root / split / "annotations"
+        ann.mkdir(parents=True, exist_ok=True)
+        with open(ann / "0.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(GROUNDED_COLUMNS)
+            for c in clips:
+                url = f"https://example.invalid/{c.videoid}.mp4"
+                w.writerow(
+                    [
+                        c.videoid,
+                        url,
+                        f"PT00H00M{int(c.seconds):02d}S",
+                        c.page_dir,
+                        c.caption,
+                        c.colour,
+                        c.shape,
+                        c.direction,
+                        c.combination,
+                    ]
+                )
+            if faults and split == "train" and clips:
+                write_faulty_rows(
+                    w, root / "videos" / clips[0].page_dir, f"{clips[0].videoid}.mp4", ("", "", "", "")
+                )
+        paths[split] = str(ann)
+    return paths

@@ -6,6 +6,7 @@ The tokenizer mimics the LLaMA conventions the prompts rely on: ``<unk>``=0 (als
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained in milliseconds on a fixed corpus (deterministic), without ``<ImageHere>``."""
+def tiny_tokenizer(vocab_size: int = 400, corpus: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained in milliseconds (deterministic), without ``<ImageHere>``: on a fixed
+    corpus by default, or on ``corpus`` (``pipeline.tiny_llm`` trains one on a caption corpus)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -32,7 +34,7 @@ def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )

@@ -1,0 +1,116 @@
+"""The grounded sample corpus's language: factors, captions, and reading factors back from text.
+
+A grounded clip shows one coloured shape moving over a noisy background; its caption is a fact about the
+pictures, ``a red square moves left``. The factors (colour, shape, direction) are stored with every
+annotation row (columns ``colour``, ``shape``, ``direction``, ``combination``), so an evaluator scores a
+generated caption per factor against them. Direction can only be read from the order of the frames.
+
+Held-out *combinations* (``NOVEL``) never occur in the training split: a model that names them right has
+composed colour, shape and direction, not memorised 48 sentences.
+"""
+
+from __future__ import annotations
+
+import re
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+FACTORS = ("colour", "shape", "direction")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+# Never in the training split; each colour and each direction once, so every factor value is still seen.
+NOVEL: tuple[tuple[str, str, str], ...] = (
+    ("red", "circle", "up"),
+    ("green", "triangle", "left"),
+    ("blue", "square", "down"),
+    ("yellow", "circle", "right"),
+)
+
+# Stage-2 questions about a grounded clip, by the factor they ask for ("caption": the whole sentence).
+QUESTIONS: dict[str, str] = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "direction": "Which way does it move?",
+    "caption": "Describe this video.",  # also the default question of caption/chat (pipeline.generate)
+}
+
+
+def caption(colour: str, shape: str, direction: str) -> str:
+    """The one sentence a clip with these factors is captioned with."""
+    return f"a {colour} {shape} moves {direction}"
+
+
+def combinations() -> list[tuple[str, str, str]]:
+    """All colour x shape x direction triples, in a fixed order."""
+    return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+_WORDS = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": DIRECTIONS}
+
+
+def read_factors(text: str) -> dict[str, str | None]:
+    """The factor values a (generated) text names: the first word of each factor's vocabulary it
+    contains, or None. Matching is on whole words, so ``reds`` or ``upward`` do not count."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return {f: next((w for w in words if w in vocab), None) for f, vocab in _WORDS.items()}
+
+
+# ---- scoring generated captions ---------------------------------------------------------------------
+
+
+def _rate(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def accuracy(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """Share of clips whose prediction names the reference's colour, shape, direction, and all three."""
+    pairs = [(read_factors(r), read_factors(p)) for r, p in zip(references, predictions, strict=True)]
+    out = {f: _rate([p[f] == r[f] for r, p in pairs]) for f in FACTORS}
+    out["all"] = _rate([all(p[f] == r[f] for f in FACTORS) for r, p in pairs])
+    return out
+
+
+def is_novel(reference: str) -> bool:
+    f = read_factors(reference)
+    return (f["colour"], f["shape"], f["direction"]) in NOVEL
+
+
+def by_combination(references: list[str], predictions: list[str]) -> dict[str, dict[str, float]]:
+    """``accuracy`` over all clips, the seen triples and the novel (never trained) triples, with counts."""
+    out = {}
+    for name, keep in (("all", lambda r: True), ("seen", lambda r: not is_novel(r)), ("novel", is_novel)):
+        idx = [i for i, r in enumerate(references) if keep(r)]
+        out[name] = {
+            "clips": len(idx),
+            **accuracy([references[i] for i in idx], [predictions[i] for i in idx]),
+        }
+    return out
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation without fixed points: clip i gets the features of clip ``perm[i]`` != i."""
+    import numpy as np
+
+    if n < 2:
+        return list(range(n))
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm.tolist()
+
+
+def flipped(references: list[str], predictions: list[str]) -> float:
+    """Share of clips whose prediction names the *opposite* of the reference's direction."""
+    return _rate(
+        [
+            read_factors(p)["direction"] == OPPOSITE[read_factors(r)["direction"]]
+            for r, p in zip(references, predictions, strict=True)
+        ]
+    )
