@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -21,3 +25,39 @@ def init_ray(address: str | None, workers: int | None, object_store_mb: int | No
             kwargs["object_store_memory"] = object_store_mb << 20
         ray.init(address="local", num_cpus=workers or os.cpu_count(), **kwargs)
     return True
+
+
+@contextmanager
+def quiet_actor_restart_warning() -> Iterator[None]:
+    """Drop one misleading line from this process's stderr while Ray Data actor pools run.
+
+    Ray Data always passes an actor pool's context and UDF through the object store and lets its
+    actors restart; Ray's core worker then logs ``E ... core_worker.cc ... has constructor arguments
+    in the object store and max_restarts > 0`` for every actor, which reads like a failure. The
+    arguments live as long as the pool, so a restart works; turning restarts off to avoid the line
+    would lose that fault tolerance. Every other line reaches stderr unchanged.
+    """
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as src:
+            for line in iter(src.readline, b""):
+                if _ACTOR_RESTART_WARNING not in line:
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the pump sees EOF and ends
+        thread.join(timeout=2)
+        os.close(saved)
+
+
+_ACTOR_RESTART_WARNING = b"has constructor arguments in the object store and max_restarts > 0"

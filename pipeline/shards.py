@@ -9,11 +9,16 @@ A shard set is a folder::
                                 (float16 [T,32,D]; with views=K frames/features gain a leading K axis)
     shard-000000.arrow        --format arrow: Arrow IPC file, one row per sample (same fields)
     _parts/shard-000000.parquet   index rows of that shard (written last: the shard's commit marker)
-    _staging/                 with --cache-features: frame shards waiting for the encoder
+    _staging/                 while running: pieces of shards (work units) waiting to be joined or
+                                encoded; removed when the job ends
+    _plan.arrow               while running: the input rows, one record batch per shard
     index.parquet             one row per input row: videoid, status, reason, shard, key
     summary.json              totals, failures by reason, config, timing
 
-Every file appears by rename from a temporary name, so a reader never sees half a shard.
+Every file appears by rename from a temporary name, so a reader never sees half a shard. A shard with
+no ok sample has no shard file (its index part still accounts for its rows). Each index part carries
+the digest of the input rows its shard was made from (``rows_digest`` in the Parquet metadata): a
+rerun reuses a shard only when its rows are unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ if TYPE_CHECKING:
 CONFIG_FILE = "_config.json"
 ENCODER_FILE = "_encoder.json"  # with cached features: the encoder (config + weights hash) that made them
 PARTS_DIR = "_parts"
-STAGING_DIR = "_staging"  # frame shards waiting for the feature encoder
+STAGING_DIR = "_staging"  # work units waiting to be joined into a shard or encoded
+PLAN_FILE = "_plan.arrow"  # the job's input rows while it runs, one record batch per shard
+PART_DIGEST_KEY = b"rows_digest"  # index-part metadata: digest of the shard's input rows
 INDEX_FILE = "index.parquet"
 SUMMARY_FILE = "summary.json"
 EXTENSIONS = {"webdataset": ".tar", "arrow": ".arrow"}
@@ -139,16 +146,18 @@ class ShardWriter:
         self._arrow.write_batch(batch)
         self._rows = []
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
+        """Publish the shard; one without samples is not written at all. Returns whether it was."""
+        if self.count == 0:
+            self.abort()
+            return False
         if self.fmt == "webdataset":
             self._tar.close()
         else:
             self._flush_arrow()
-            if self._arrow is None:  # no ok sample: still a valid, empty file
-                schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("meta", pa.string())])
-                self._arrow = pa.ipc.new_file(str(self.tmp), schema)
             self._arrow.close()
         commit(self.tmp, self.final)
+        return True
 
     def abort(self) -> None:
         try:
@@ -164,6 +173,22 @@ def write_parquet(table: pa.Table, final: Path) -> None:
     tmp = tmp_path(final)
     pq.write_table(table, tmp)
     commit(tmp, final)
+
+
+def write_part(index: list[dict[str, Any]], final: Path, digest: str) -> None:
+    """A shard's index part (its commit marker), stamped with the digest of its input rows."""
+    table = pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+    write_parquet(table.replace_schema_metadata({PART_DIGEST_KEY: digest.encode()}), final)
+
+
+def part_digest(path: Path) -> str | None:
+    """The input-rows digest an index part was written for (None: unreadable or written before digests)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(PART_DIGEST_KEY)
+    return value.decode() if value else None
 
 
 def write_json(data: Any, final: Path) -> None:

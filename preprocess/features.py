@@ -1,7 +1,7 @@
 """The feature-cache step: a Ray actor pool running the frozen ViT + ln_vision + image Q-Former.
 
 Each actor builds the frozen encoder once (on its GPU when it has one), then finishes whole shards:
-it reads a staged frame shard, encodes the clips in batches, writes the final shard with
+it reads a shard's staged work units, encodes the clips in batches, writes the final shard with
 ``features`` (fp16 ``[T, 32, D]`` per sample, or ``[views, T, 32, D]``) beside or instead of the
 frames, and writes the shard's index part (its commit marker). Every sample's metadata names the
 encoder that made it (``encoder``: config fingerprint + content hash of the weights), so a trainer
@@ -10,15 +10,13 @@ can refuse features from another encoder.
 
 from __future__ import annotations
 
-import json
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from pipeline.shards import ShardWriter, read_shard
 from preprocess.config import PreprocessConfig
-from preprocess.steps import staging_path, write_part
+from preprocess.steps import finish_shard
 
 
 def encoder_identity(cfg: PreprocessConfig, weights_hash: str) -> str:
@@ -57,39 +55,37 @@ class ShardEncoder:
             out = self.encoder(clip)
         return out.to(self.dtype).cpu().numpy()
 
-    def finish_shard(self, shard: int) -> None:
+    def encode_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Staged samples -> samples with ``features`` (and frames unless ``keep_frames`` is off)."""
         cfg, fc = self.cfg, self.cfg.features
-        src = staging_path(cfg, shard)
-        final = src.parent.parent / src.name
-        writer = ShardWriter(final, cfg.format)
-        try:
-            samples = list(read_shard(src))
-            for start in range(0, len(samples), fc.batch_size):
-                batch = samples[start : start + fc.batch_size]
-                frames = np.stack([s["frames"] for s in batch])
-                views = frames.shape[1] if cfg.views > 1 else None
-                if views:  # [N, K, T, ...] -> [N*K, T, ...] and back
-                    frames = frames.reshape(-1, *frames.shape[2:])
-                feats = self.encode(frames)
-                if views:
-                    feats = feats.reshape(len(batch), views, *feats.shape[1:])
-                for s, f in zip(batch, feats, strict=True):
-                    s["meta"]["encoder"] = self.identity
-                    writer.write({**s, "features": f, "frames": s["frames"] if fc.keep_frames else None})
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        for batch in _batches(samples, fc.batch_size):
+            frames = np.stack([s["frames"] for s in batch])
+            views = frames.shape[1] if cfg.views > 1 else None
+            if views:  # [N, K, T, ...] -> [N*K, T, ...] and back
+                frames = frames.reshape(-1, *frames.shape[2:])
+            feats = self.encode(frames)
+            if views:
+                feats = feats.reshape(len(batch), views, *feats.shape[1:])
+            for s, f in zip(batch, feats, strict=True):
+                s["meta"]["encoder"] = self.identity
+                yield {**s, "features": f, "frames": s["frames"] if fc.keep_frames else None}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {"shard": [], "index": [], "seconds": [], "encoder": []}
-        for shard, index, seconds in zip(batch["shard"], batch["index"], batch["seconds"], strict=True):
-            t0 = time.monotonic()
-            self.finish_shard(int(shard))
-            write_part(self.cfg, int(shard), json.loads(index))  # commit marker, after the shard
-            staging_path(self.cfg, int(shard)).unlink(missing_ok=True)
-            out["shard"].append(int(shard))
-            out["index"].append(index)
-            out["seconds"].append(float(seconds) + time.monotonic() - t0)
-            out["encoder"].append(self.identity)
-        return {k: np.array(v) for k, v in out.items()}
+        """Units whose shard is complete (``ready``) are encoded into the final shard; others pass."""
+        for shard, units, digest, ready in zip(
+            batch["shard"], batch["units"], batch["digest"], batch["ready"], strict=True
+        ):
+            if ready:
+                finish_shard(self.cfg, int(shard), int(units), str(digest), transform=self.encode_samples)
+        return {**batch, "encoder": np.array([self.identity] * len(batch["shard"]))}
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,4 +1,5 @@
-"""Reading the job's input into plain rows, with clear errors before any work starts.
+"""Reading WebDataset tars and stage-2 instruction sets into plain rows (WebVid CSV/TSV annotations are
+streamed by ``preprocess.plan``), with clear errors before any work starts.
 
 A row is ``{"row", "videoid", "caption", "source"}`` plus, for WebVid annotations, ``page_dir``.
 ``source`` says where the video bytes are: ``{"path"}`` or, for a tar member, ``{"tar", "offset",
@@ -15,80 +16,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-
 from pipeline.config import ConfigError
-
-WEBVID_COLUMNS = ("videoid", "page_dir", "name")
-
-
-def annotation_files(path: str | Path) -> list[Path]:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"annotations: {str(p)!r} does not exist")
-    if p.is_file():
-        return [p]
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".csv", ".tsv") and f.is_file())
-    if not files:
-        raise ConfigError(f"annotations: no .csv or .tsv files in folder {str(p)!r}")
-    return files
-
-
-def _read_table(path: Path) -> pa.Table:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        header = pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            read_options=pacsv.ReadOptions(block_size=1 << 16),
-        ).schema.names
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"annotations: cannot parse {str(path)!r}: {e}") from None
-    missing = [c for c in WEBVID_COLUMNS if c not in header]
-    if missing:
-        raise ConfigError(
-            f"annotations: {str(path)!r} lacks column(s) {', '.join(missing)} (has: {', '.join(header)}); "
-            f"WebVid annotations need {', '.join(WEBVID_COLUMNS)}"
-        )
-    convert = pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in WEBVID_COLUMNS},
-        include_columns=list(WEBVID_COLUMNS),
-        strings_can_be_null=True,
-        null_values=["", "NaN", "nan", "NULL", "null", "None"],
-    )
-    try:
-        return pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=convert,
-        )
-    except pa.ArrowInvalid as e:
-        raise ConfigError(f"annotations: cannot parse {str(path)!r}: {e}") from None
-
-
-def read_annotations(annotations: str, videos: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """All rows of a WebVid CSV/TSV file or folder of them, with each row's video path."""
-    vdir = Path(videos)
-    if not vdir.is_dir():
-        raise ConfigError(f"videos: {str(vdir)!r} is not a folder")
-    if not os.access(vdir, os.R_OK | os.X_OK):
-        raise ConfigError(f"videos: folder {str(vdir)!r} is not readable")
-    rows: list[dict[str, Any]] = []
-    for f in annotation_files(annotations):
-        for r in _read_table(f).to_pylist():
-            if limit is not None and len(rows) >= limit:
-                return rows
-            rows.append(
-                {
-                    "row": len(rows),
-                    "videoid": r["videoid"],
-                    "page_dir": r["page_dir"],
-                    "caption": r["name"],
-                    "source": {"videos": str(vdir), "page_dir": r["page_dir"], "videoid": r["videoid"]},
-                }
-            )
-    return rows
 
 
 def _caption_from(members: dict[str, tarfile.TarInfo], tar: tarfile.TarFile) -> tuple[str | None, dict]:

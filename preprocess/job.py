@@ -8,10 +8,13 @@ Existing Ray cluster (e.g. ``slurm/preprocess.sbatch``)::
 
     python cli.py preprocess ... --ray-address auto
 
-The driver reads the annotations, splits the rows into shards of ``samples_per_shard`` input rows
-and hands every unfinished shard to Ray Data, which runs ``process_shard`` on one core each. A shard
-is finished when its index part exists, so a rerun with the same arguments skips finished shards and
-ends with the same sample set as an uninterrupted run.
+The driver streams the annotations into a plan file (``preprocess.plan``: shards of
+``samples_per_shard`` rows, each with a digest of its rows) while Ray starts, and hands every
+unfinished shard to Ray Data as work units: whole shards when there are enough of them to keep every
+core busy, slices of shards otherwise (a shard is then joined when its last slice is done). A shard
+is finished when its index part exists and carries the digest of the rows it holds now, so a rerun
+with the same arguments skips finished shards, redoes shards whose input rows changed, and ends with
+the same bytes as an uninterrupted run. The driver keeps O(shards) state: no per-row Python objects.
 """
 
 from __future__ import annotations
@@ -21,30 +24,36 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, to_dict
-from pipeline.raycluster import init_ray
+from pipeline.raycluster import init_ray, quiet_actor_restart_warning
 from pipeline.shards import (
     CONFIG_FILE,
     ENCODER_FILE,
     INDEX_FILE,
     INDEX_SCHEMA,
     PARTS_DIR,
+    PLAN_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
+    commit,
     list_shards,
-    shard_name,
+    part_digest,
+    tmp_path,
     write_json,
-    write_parquet,
 )
 from preprocess.config import PreprocessConfig
-from preprocess.inputs import read_annotations, read_instructions, read_tars
-from preprocess.steps import process_shard
+from preprocess.plan import ShardPlan, check_inputs, write_plan
+from preprocess.steps import WorkUnit, part_path, process_unit, shard_path
+
+UNITS_PER_WORKER = 16  # when shards are few: enough units that the last one running alone is short
 
 
 def resolve_paths(cfg: PreprocessConfig) -> None:
@@ -56,17 +65,9 @@ def resolve_paths(cfg: PreprocessConfig) -> None:
             setattr(cfg, name, os.path.abspath(value))
 
 
-def read_rows(cfg: PreprocessConfig) -> list[dict[str, Any]]:
-    if cfg.tars:
-        return read_tars(cfg.tars, cfg.limit)
-    if cfg.dataset == "webvid":
-        return read_annotations(cfg.annotations, cfg.videos, cfg.limit)
-    media = cfg.images if cfg.is_image_dataset else cfg.videos
-    return read_instructions(cfg.dataset, cfg.annotations, media, cfg.limit)
-
-
 def check_output(cfg: PreprocessConfig) -> None:
-    """Refuse an output folder that holds another config's shards (a resume must match exactly)."""
+    """Refuse an output folder that holds another config's shards (a resume must match exactly) or
+    that cannot be written, before any work."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
@@ -87,24 +88,89 @@ def check_output(cfg: PreprocessConfig) -> None:
             )
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"output: {cfg.output!r} is not empty and was not written by this job")
+    check_writable(out)
 
 
-def plan_shards(rows: list[dict[str, Any]], per_shard: int) -> list[tuple[int, list[dict[str, Any]]]]:
-    return [(i // per_shard, rows[i : i + per_shard]) for i in range(0, len(rows), per_shard)]
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it (one line, not a traceback
+    from a worker hours later)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path(folder / "write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output: cannot write in {str(folder)!r}: {e.strerror or e}") from None
 
 
-def _finished(out: Path, shard: int, fmt: str) -> list[dict] | None:
-    part = out / PARTS_DIR / f"{Path(shard_name(shard, fmt)).stem}.parquet"
-    if part.exists() and (out / shard_name(shard, fmt)).exists():
-        return pq.read_table(part).to_pylist()
-    return None
+def prepare_output(cfg: PreprocessConfig) -> None:
+    """Folders, the config marker, and no leftovers of a killed run: temporary files and staged
+    units (a shard whose units were not all done is redone whole)."""
+    out = Path(cfg.output)
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    staging = out / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    for stale in [*out.glob(".*.tmp-*"), *(out / PARTS_DIR).glob(".*.tmp-*"), *staging.iterdir()]:
+        stale.unlink()  # final names are only ever complete files
+    write_json({"fingerprint": cfg.output_fingerprint(), "config": to_dict(cfg)}, out / CONFIG_FILE)
 
 
-class _Progress:
-    """Counts clips across shard tasks (a Ray actor) so the driver can print per-clip progress."""
+def reconcile(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[list[ShardPlan], int, int]:
+    """Shards to do: those without an index part for their current rows. A part written for other
+    rows (the input changed) is dropped with its shard, as are shards past the input's end.
+    Returns (todo, rows already done, shards whose input changed)."""
+    out = Path(cfg.output)
+    existing = {int(p.stem.split("-")[1]): p for p in (out / PARTS_DIR).glob("shard-*.parquet")}
+    todo, resumed, changed = [], 0, 0
+    for plan in plans:
+        part = existing.pop(plan.shard, None)
+        if part is not None and part_digest(part) == plan.digest and _has_shard_file(cfg, plan.shard, part):
+            resumed += plan.rows
+            continue
+        changed += part is not None
+        _drop_shard(cfg, plan.shard)
+        todo.append(plan)
+    for shard in existing:  # the input got shorter
+        changed += 1
+        _drop_shard(cfg, shard)
+    return todo, resumed, changed
+
+
+def _has_shard_file(cfg: PreprocessConfig, shard: int, part: Path) -> bool:
+    """A part with ok rows needs its shard file; a shard without ok rows has none."""
+    if shard_path(cfg, shard).exists():
+        return True
+    status = pq.read_table(part, columns=["status"]).column("status")
+    return not pc.any(pc.equal(status, "ok")).as_py()
+
+
+def _drop_shard(cfg: PreprocessConfig, shard: int) -> None:
+    part_path(cfg, shard).unlink(missing_ok=True)  # the commit marker first
+    shard_path(cfg, shard).unlink(missing_ok=True)
+
+
+def plan_units(todo: list[ShardPlan], cpus: int) -> list[WorkUnit]:
+    """Whole shards when they keep every core busy; else slices sized from the rows and cores, so the
+    number of cores at work never depends on ``samples_per_shard``."""
+    rows = sum(p.rows for p in todo)
+    size = max(p.rows for p in todo) if todo else 1
+    if cpus > 1 and len(todo) < cpus * UNITS_PER_WORKER:
+        size = max(1, min(size, -(-rows // (cpus * UNITS_PER_WORKER))))
+    units = []
+    for p in todo:
+        n = -(-p.rows // size)
+        bounds = [p.rows * i // n for i in range(n + 1)]
+        units += [WorkUnit(p.shard, i, n, bounds[i], bounds[i + 1], p.digest) for i in range(n)]
+    return units
+
+
+class _Tracker:
+    """A Ray actor: counts clips across tasks for the driver's progress line, and tells the unit
+    that completes a split shard that it is the last (a set per shard, so a retried unit counts once)."""
 
     def __init__(self):
         self.ok, self.failed, self.reasons = 0, 0, Counter()
+        self.units: dict[int, set[int]] = {}
 
     def add(self, delta: dict) -> None:
         self.ok += delta["ok"]
@@ -114,79 +180,112 @@ class _Progress:
     def get(self) -> tuple[int, int, dict]:
         return self.ok, self.failed, dict(self.reasons)
 
+    def unit_done(self, shard: int, unit: int, units: int) -> bool:
+        done = self.units.setdefault(shard, set())
+        done.add(unit)
+        if len(done) < units:
+            return False
+        del self.units[shard]
+        return True
+
 
 def _print_progress(done: int, failed: int, total: int, t0: float, reasons: dict) -> None:
     rate = done / max(time.monotonic() - t0, 1e-9)
-    top = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
     print(
         f"[preprocess] {done}/{total} clips  {rate:.1f} clips/s  failed {failed}"
-        + (f" ({top})" if top else ""),
+        + (f" ({format_reasons(reasons)})" if reasons else ""),
         flush=True,
     )
+
+
+def format_reasons(reasons: dict[str, int], top: int = 4) -> str:
+    """The most frequent failure reasons, and "+N other" for the rest, so the counts add up."""
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k}={v}" for k, v in ranked[:top])
+    rest = sum(v for _, v in ranked[top:])
+    return shown + (f", +{rest} other" if rest else "")
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
     """Run the job; returns the summary (also written to ``OUTPUT/summary.json``)."""
-    import ray
 
+    timing: dict[str, float] = {"start_to_run_s": _since_process_start()}
     t_start = time.monotonic()
     resolve_paths(cfg)
     check_output(cfg)
-    rows = read_rows(cfg)
-    out = Path(cfg.output)
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / STAGING_DIR).mkdir(exist_ok=True)
-    for stale in [
-        *out.glob(".*.tmp-*"),
-        *(out / PARTS_DIR).glob(".*.tmp-*"),
-        *(out / STAGING_DIR).glob(".*.tmp-*"),
-    ]:
-        stale.unlink()  # left by a killed run; final names are only ever complete files
-    write_json({"fingerprint": cfg.output_fingerprint(), "config": to_dict(cfg)}, out / CONFIG_FILE)
+    check_inputs(cfg)
+    prepare_output(cfg)
 
-    shards = plan_shards(rows, cfg.samples_per_shard)
-    results: dict[int, list[dict]] = {}
-    todo = []
-    for shard, shard_rows in shards:
-        done = _finished(out, shard, cfg.format)
-        if done is not None and len(done) == len(shard_rows):
-            results[shard] = done
-        else:
-            todo.append((shard, shard_rows))
-    resumed = sum(len(v) for v in results.values())
-    print(
-        f"[preprocess] {len(rows)} input rows in {len(shards)} shards; {len(shards) - len(todo)} shards "
-        f"({resumed} rows) already done; {len(todo)} to do",
-        flush=True,
-    )
-
-    t_work = time.monotonic()
-    if todo:
+    # Ray starts (seconds of subprocesses) while this thread streams the input into the plan
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        planning = pool.submit(write_plan, cfg)
         owns_ray = init_ray(cfg.ray_address, cfg.workers, cfg.object_store_mb)
+        timing["ray_start_s"] = time.monotonic() - t0
         try:
-            _run_shards(cfg, todo, results, len(rows) - resumed)
-        finally:
-            if owns_ray:
-                ray.shutdown()
-    work_s = time.monotonic() - t_work
-    return _finish(cfg, rows, results, shards, resumed, work_s, time.monotonic() - t_start)
+            plans = planning.result()
+        except BaseException:
+            _shutdown(owns_ray)
+            raise
+        timing["plan_s"] = time.monotonic() - t0
+    try:
+        total = sum(p.rows for p in plans)
+        if total == 0:
+            raise ConfigError(f"input: {cfg.annotations or cfg.tars!r} holds no rows: nothing to do")
+        todo, resumed, changed = reconcile(cfg, plans)
+        print(
+            f"[preprocess] {total} input rows in {len(plans)} shards; {len(plans) - len(todo)} shards "
+            f"({resumed} rows) already done; {len(todo)} to do"
+            + (f" ({changed} redone or dropped: their input rows changed)" if changed else ""),
+            flush=True,
+        )
+        t_work = time.monotonic()
+        if todo:
+            _run_units(cfg, todo, total - resumed, timing)
+        work_s = time.monotonic() - t_work
+    finally:
+        t0 = time.monotonic()
+        _shutdown(owns_ray)
+        timing["ray_shutdown_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    summary = _finish(cfg, plans, resumed, work_s)
+    timing["index_s"] = time.monotonic() - t0
+    summary["seconds"] = round(time.monotonic() - t_start, 3)
+    summary["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    write_json(summary, Path(cfg.output) / SUMMARY_FILE)
+    return summary
 
 
-def _run_shards(cfg: PreprocessConfig, todo: list, results: dict, total: int) -> None:
+def _since_process_start() -> float:
+    """Seconds since this process started (interpreter start-up and imports, before ``run``)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def _shutdown(owns_ray: bool) -> None:
+    import ray
+
+    if owns_ray:
+        ray.shutdown()
+
+
+def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing: dict) -> None:
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
-    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+    units = plan_units(todo, int(ray.cluster_resources().get("CPU", 1)))
 
-    def shard_task(item: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.monotonic()
-        index = process_shard(item["shard"], json.loads(item["rows"]), cfg, report=progress.add.remote)
-        return {"shard": item["shard"], "index": json.dumps(index), "seconds": time.monotonic() - t0}
+    def unit_task(item: dict[str, Any]) -> dict[str, Any]:
+        unit = WorkUnit(**item)
+        ready = process_unit(unit, cfg, tracker)
+        return {"shard": unit.shard, "units": unit.units, "digest": unit.digest, "ready": ready}
 
-    items = [{"shard": s, "rows": json.dumps(r)} for s, r in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(shard_task, num_cpus=1)
+    items = [vars(u) for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(unit_task, num_cpus=1)
     if cfg.features.enabled:
         from preprocess.features import ShardEncoder
 
@@ -205,20 +304,23 @@ def _run_shards(cfg: PreprocessConfig, todo: list, results: dict, total: int) ->
 
     def report_loop() -> None:
         while not stop.wait(cfg.progress_every_s):
-            ok, failed, reasons = ray.get(progress.get.remote())
+            ok, failed, reasons = ray.get(tracker.get.remote())
             _print_progress(ok + failed, failed, total, t0, reasons)
 
     reporter = threading.Thread(target=report_loop, daemon=True)
     reporter.start()
     try:
-        for rec in ds.iter_rows():
-            results[rec["shard"]] = json.loads(rec["index"])
-            if "encoder" in rec:
-                _check_encoder(cfg, str(rec["encoder"]))
+        with quiet_actor_restart_warning():
+            for i, rec in enumerate(ds.iter_rows()):
+                if i == 0:
+                    timing["first_unit_s"] = time.monotonic() - t0
+                if "encoder" in rec:
+                    _check_encoder(cfg, str(rec["encoder"]))
     finally:
         stop.set()
         reporter.join()
-    ok, failed, reasons = ray.get(progress.get.remote())
+    timing["units"] = len(units)
+    ok, failed, reasons = ray.get(tracker.get.remote())
     _print_progress(ok + failed, failed, total, t0, reasons)
 
 
@@ -236,32 +338,49 @@ def _check_encoder(cfg: PreprocessConfig, identity: str) -> None:
         write_json({"encoder": identity}, path)
 
 
-def _finish(cfg, rows, results, shards, resumed, work_s, total_s) -> dict[str, Any]:
+def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Counter]:
+    """Stream the shards' index parts, in order, into ``index.parquet``; returns (ok, failures)."""
+    final = Path(cfg.output) / INDEX_FILE
+    tmp = tmp_path(final)
+    ok, failures = 0, Counter()
+    with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+        for plan in plans:
+            part = pq.read_table(part_path(cfg, plan.shard)).replace_schema_metadata(None)
+            rows = part.column("row").to_numpy()
+            if not np.array_equal(rows, np.arange(plan.first_row, plan.first_row + plan.rows)):
+                raise RuntimeError(f"internal error: index part of shard {plan.shard} does not hold its rows")
+            is_ok = pc.equal(part.column("status"), "ok")
+            ok += pc.sum(is_ok).as_py() or 0
+            reasons = pc.value_counts(part.filter(pc.invert(is_ok)).column("reason"))
+            failures.update({r["values"]: r["counts"] for r in reasons.to_pylist()})
+            writer.write_table(part)
+    commit(tmp, final)
+    return ok, failures
+
+
+def _finish(cfg: PreprocessConfig, plans: list[ShardPlan], resumed: int, work_s: float) -> dict[str, Any]:
     out = Path(cfg.output)
-    index = [r for s, _ in shards for r in results[s]]
-    if len(index) != len(rows) or [r["row"] for r in index] != list(range(len(rows))):
-        raise RuntimeError(f"internal error: {len(index)} index rows for {len(rows)} input rows")
-    write_parquet(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), out / INDEX_FILE)
-    failures = Counter(r["reason"] for r in index if r["status"] == "failed")
-    ok = sum(r["status"] == "ok" for r in index)
-    processed = len(rows) - resumed
-    summary = {
-        "total": len(rows),
+    ok, failures = merge_index(cfg, plans)
+    total = sum(p.rows for p in plans)
+    (out / PLAN_FILE).unlink(missing_ok=True)
+    staging = out / STAGING_DIR
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    processed = total - resumed
+    return {
+        "total": total,
         "ok": ok,
-        "failed": len(rows) - ok,
+        "failed": total - ok,
         "failures": dict(sorted(failures.items())),
         "shards": [p.name for p in list_shards(out)],
         "format": cfg.format,
         "resumed_rows": resumed,
-        "seconds": round(total_s, 3),
         "work_seconds": round(work_s, 3),
         "clips_per_s": round(processed / work_s, 3) if processed and work_s > 0 else None,
         "fingerprint": cfg.output_fingerprint(),
         "encoder": json.loads((out / ENCODER_FILE).read_text())["encoder"] if cfg.features.enabled else None,
         "config": to_dict(cfg),
     }
-    write_json(summary, out / SUMMARY_FILE)
-    return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """The per-row steps of the preprocessing job; each is a small function, failures are values.
 
-A shard task runs them over its rows: check the row and locate its video (``resolve_source``),
-decode and sample frames (``BoundedDecoder``), clean the caption (``clean_caption``), write the
-sample (``ShardWriter``). Any failure becomes an index row with a reason; nothing raises out.
+A work unit (``process_unit``: a shard or a slice of one) runs them over its rows: check the row and
+locate its video (``resolve_source``), decode and sample frames (``BoundedDecoder``), clean the caption
+(``clean_caption``), write the sample (``ShardWriter``). Any failure becomes an index row with a
+reason; nothing raises out.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.captions import clean_caption
 from pipeline.shards import (
@@ -21,13 +25,16 @@ from pipeline.shards import (
     PARTS_DIR,
     STAGING_DIR,
     ShardWriter,
+    read_shard,
     sample_key,
     shard_name,
     write_parquet,
+    write_part,
 )
 from pipeline.video import BoundedDecoder, DecodeFailure, SamplingSpec
 from preprocess.config import PreprocessConfig
 from preprocess.inputs import is_missing
+from preprocess.plan import read_shard_rows
 
 
 def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +108,7 @@ _DECODERS: dict[tuple, BoundedDecoder] = {}
 
 
 def shared_decoder(cfg: PreprocessConfig) -> BoundedDecoder:
-    """One decoder child per Ray worker process, reused by every shard task the worker runs: starting
+    """One decoder child per Ray worker process, reused by every task the worker runs: starting
     Python + decord costs ~0.4 s, which per shard was ~10 % of a worker's time. The child exits on its
     own when the worker does (its stdin closes)."""
     key = (sampling_spec(cfg), cfg.decode_timeout_s, cfg.decode_memory_mb, cfg.decoder_recycle_every)
@@ -110,9 +117,32 @@ def shared_decoder(cfg: PreprocessConfig) -> BoundedDecoder:
     return _DECODERS[key]
 
 
-def staging_path(cfg: PreprocessConfig, shard: int) -> Path:
-    """Frames of a shard waiting for the feature encoder (``--cache-features``)."""
-    return Path(cfg.output) / STAGING_DIR / shard_name(shard, cfg.format)
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows ``lo:hi`` of one shard: the job's unit of work, smaller than a shard when the shards are
+    too few to keep every core busy. A shard split into units is joined once its last unit is done,
+    so each shard still appears by one atomic rename and its bytes do not depend on the split."""
+
+    shard: int
+    unit: int
+    units: int
+    lo: int
+    hi: int
+    digest: str
+
+
+def shard_path(cfg: PreprocessConfig, shard: int) -> Path:
+    return Path(cfg.output) / shard_name(shard, cfg.format)
+
+
+def unit_path(cfg: PreprocessConfig, shard: int, unit: int) -> Path:
+    """Samples of one work unit waiting to be joined (or encoded, with ``--cache-features``)."""
+    name = Path(shard_name(shard, cfg.format))
+    return Path(cfg.output) / STAGING_DIR / f"{name.stem}.u{unit:05d}{name.suffix}"
+
+
+def unit_index_path(cfg: PreprocessConfig, shard: int, unit: int) -> Path:
+    return unit_path(cfg, shard, unit).with_suffix(".parquet")
 
 
 def part_path(cfg: PreprocessConfig, shard: int) -> Path:
@@ -142,17 +172,16 @@ def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessCon
     return {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
 
 
-def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig, report=None) -> list[dict]:
-    """Decode, clean and write one shard; returns one index row per input row.
+def process_rows(
+    shard: int, rows: list[dict[str, Any]], dest: Path, cfg: PreprocessConfig, report=None
+) -> list[dict]:
+    """Decode, clean and write rows into the shard file ``dest``; returns one index row per input row.
 
-    With the feature cache on, the frames go to the staging folder and the encoder step finishes the
-    shard; otherwise the shard and its index part (the commit marker) are written here.
     ``report(delta)`` is called now and then for progress (a Ray actor handle's method).
     """
-    name = shard_name(shard, cfg.format)
-    staged = cfg.features.enabled
-    writer = ShardWriter(staging_path(cfg, shard) if staged else Path(cfg.output) / name, cfg.format)
+    writer = ShardWriter(dest, cfg.format)
     decoder = shared_decoder(cfg)
+    name = shard_name(shard, cfg.format)
     index: list[dict] = []
     pending: dict[str, Any] = {"ok": 0, "failed": 0, "reasons": {}}
     last = time.monotonic()
@@ -176,10 +205,56 @@ def process_shard(shard: int, rows: list[dict[str, Any]], cfg: PreprocessConfig,
         raise
     if report is not None:
         report(pending)
-    if not staged:
-        write_part(cfg, shard, index)
     return index
 
 
-def write_part(cfg: PreprocessConfig, shard: int, index: list[dict]) -> None:
-    write_parquet(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), part_path(cfg, shard))
+def process_unit(unit: WorkUnit, cfg: PreprocessConfig, tracker) -> bool:
+    """Run one work unit; returns whether its shard is now complete and waits for the encoder.
+
+    A whole-shard unit without the feature cache writes the final shard and its part directly.
+    Otherwise the unit's samples and index go to the staging folder, and the unit that completes its
+    shard (``tracker.unit_done``, a Ray actor method, says which) joins the pieces.
+    """
+    rows = read_shard_rows(cfg, unit.shard, unit.lo, unit.hi)
+    encode = cfg.features.enabled
+    if unit.units == 1 and not encode:
+        index = process_rows(unit.shard, rows, shard_path(cfg, unit.shard), cfg, tracker.add.remote)
+        write_part(index, part_path(cfg, unit.shard), unit.digest)
+        return False
+    index = process_rows(unit.shard, rows, unit_path(cfg, unit.shard, unit.unit), cfg, tracker.add.remote)
+    write_parquet(
+        pa.Table.from_pylist(index, schema=INDEX_SCHEMA), unit_index_path(cfg, unit.shard, unit.unit)
+    )
+    import ray
+
+    last = unit.units == 1 or ray.get(tracker.unit_done.remote(unit.shard, unit.unit, unit.units))
+    if last and not encode:
+        finish_shard(cfg, unit.shard, unit.units, unit.digest)
+    return last and encode
+
+
+def staged_samples(cfg: PreprocessConfig, shard: int, units: int) -> Iterator[dict[str, Any]]:
+    """A shard's samples from its staged units, in row order (a unit without ok rows has no file)."""
+    for u in range(units):
+        path = unit_path(cfg, shard, u)
+        if path.exists():
+            yield from read_shard(path)
+
+
+def finish_shard(cfg: PreprocessConfig, shard: int, units: int, digest: str, transform=None) -> None:
+    """Join a shard's staged units into the final shard (through ``transform(samples)`` when given,
+    e.g. the feature encoder), then write its index part, the commit marker, and drop the pieces."""
+    samples = staged_samples(cfg, shard, units)
+    writer = ShardWriter(shard_path(cfg, shard), cfg.format)
+    try:
+        for sample in transform(samples) if transform is not None else samples:
+            writer.write(sample)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    parts = [pq.read_table(unit_index_path(cfg, shard, u)) for u in range(units)]
+    write_part(pa.concat_tables(parts).to_pylist(), part_path(cfg, shard), digest)
+    for u in range(units):
+        unit_path(cfg, shard, u).unlink(missing_ok=True)
+        unit_index_path(cfg, shard, u).unlink(missing_ok=True)

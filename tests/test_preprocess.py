@@ -308,7 +308,7 @@ def test_killed_job_resumes_to_same_result(tmp_path):
 
 
 def test_tsv_annotations_and_extra_columns(tmp_path):
-    from preprocess.inputs import read_annotations
+    from preprocess.plan import stream_csv
 
     (tmp_path / "videos").mkdir()
     (tmp_path / "a.tsv").write_text(
@@ -316,7 +316,7 @@ def test_tsv_annotations_and_extra_columns(tmp_path):
         "1\thttp://x\tPT00H00M12S\t000001_000050\tA caption, with a comma\n"
         "2\t\t\t000001_000050\t\n"
     )
-    rows = read_annotations(str(tmp_path / "a.tsv"), str(tmp_path / "videos"))
+    rows = [r for b in stream_csv(tmp_path / "a.tsv") for r in b.to_pylist()]
     assert [(r["videoid"], r["page_dir"], r["caption"]) for r in rows] == [
         ("1", "000001_000050", "A caption, with a comma"),
         ("2", "000001_000050", None),
