@@ -23,8 +23,33 @@ def init_ray(address: str | None, workers: int | None, object_store_mb: int | No
     else:
         if object_store_mb:
             kwargs["object_store_memory"] = object_store_mb << 20
-        ray.init(address="local", num_cpus=workers or os.cpu_count(), **kwargs)
+        with _loopback_node():
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), _node_ip_address=LOOPBACK, **kwargs)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make a local cluster's node address the loopback one, so its GCS, raylet, object manager,
+    agents and workers listen on 127.0.0.1 only (Ray binds its servers to the node address; with auth
+    disabled, anything that can reach the port can run code).
+
+    Ray replaces a loopback ``_node_ip_address`` by the machine's external address unless its
+    single-machine switch is off (the switch Ray itself turns off on macOS and Windows); it is read
+    only while the node starts, so it is turned off for ``ray.init`` alone. Joining a cluster
+    (``--ray-address``) does not go through here.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextmanager

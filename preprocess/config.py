@@ -16,6 +16,10 @@ def _max_frames() -> int:
 
     return ModelConfig.max_frames
 
+OBJECT_STORE_MIN_MB = (
+    75  # Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
+)
+
 
 @dataclass
 class FeatureCacheConfig(WeightPaths):
@@ -104,6 +108,16 @@ class PreprocessConfig:
             raise ConfigError("decode_timeout_s: must be > 0")
         if self.views < 1:
             raise ConfigError("views: must be >= 1")
+        if self.caption.max_words < 1:
+            raise ConfigError(f"caption.max_words: {self.caption.max_words} must be >= 1")
+        if self.features.batch_size < 1:
+            raise ConfigError(f"features.batch_size: {self.features.batch_size} must be >= 1")
+        if self.features.concurrency < 1:
+            raise ConfigError(f"features.concurrency: {self.features.concurrency} must be >= 1")
+        if self.object_store_mb is not None and self.object_store_mb < OBJECT_STORE_MIN_MB:
+            raise ConfigError(
+                f"object_store_mb: {self.object_store_mb} is below Ray's minimum of {OBJECT_STORE_MIN_MB} MB"
+            )
         if self.features.enabled:
             image_size = self.features.model_config().image_size
             if image_size != self.size:

@@ -71,6 +71,7 @@ def check_output(cfg: PreprocessConfig) -> None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
+    check_writable(out)
     marker = out / CONFIG_FILE
     if marker.exists():
         theirs = json.loads(marker.read_text())
@@ -86,9 +87,8 @@ def check_output(cfg: PreprocessConfig) -> None:
                 f"{', '.join(f'{k}: {a!r} there vs {b!r} now' for k, (a, b) in diff.items()) or 'inputs'}); "
                 "use a new output folder or the same arguments"
             )
-    elif out.is_dir() and any(out.iterdir()):
+    elif any(out.iterdir()):
         raise ConfigError(f"output: {cfg.output!r} is not empty and was not written by this job")
-    check_writable(out)
 
 
 def check_writable(folder: Path) -> None:

@@ -74,7 +74,8 @@ def _parse_options(path: Path, on_invalid=None) -> pacsv.ParseOptions:
 def check_header(path: Path) -> None:
     """Refuse a file without WebVid's columns (reads only the first block)."""
     try:
-        with pacsv.open_csv(path, parse_options=_parse_options(path)) as reader:
+        # bad records are accounted when the file is read, not here
+        with pacsv.open_csv(path, parse_options=_parse_options(path, lambda row: "skip")) as reader:
             header = reader.schema.names
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"annotations: cannot parse {str(path)!r}: {e}") from None

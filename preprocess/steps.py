@@ -66,11 +66,14 @@ def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checked_path(root: str, rel: str) -> dict[str, Any]:
-    """``root/rel`` if it stays inside ``root`` and is a non-empty file (FIFOs etc. go to the decoder)."""
-    root = os.path.normpath(root)
-    path = os.path.normpath(os.path.join(root, rel))
+    """``root/rel`` if it stays inside ``root`` and is a non-empty file (FIFOs etc. go to the decoder).
+
+    Symlinks are resolved first: a link (to a file or a folder) leading outside ``root`` escapes it
+    just as ``..`` does."""
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, rel))
     if not path.startswith(root + os.sep):
-        raise DecodeFailure("path_escape", f"{rel} leaves the media folder")
+        raise DecodeFailure("path_escape", f"{rel} leads outside the media folder")
     shown = os.path.relpath(path, root)
     try:
         st = os.stat(path)
@@ -149,10 +152,23 @@ def part_path(cfg: PreprocessConfig, shard: int) -> Path:
     return Path(cfg.output) / PARTS_DIR / f"{Path(shard_name(shard, cfg.format)).stem}.parquet"
 
 
+def clean_row_caption(row: dict[str, Any], cfg: PreprocessConfig) -> str:
+    """The row's cleaned caption; one that cleaning leaves empty (``...``, ``(*) !!!``) is a missing one."""
+    if "conversations" in row:  # instruction rows: the conversation is the text
+        return ""
+    caption = clean_caption(str(row["caption"]), cfg.caption)
+    if not caption:
+        raise DecodeFailure(
+            "missing_caption", f"caption {str(row['caption'])[:60]!r} is empty after cleaning"
+        )
+    return caption
+
+
 def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessConfig) -> dict | DecodeFailure:
     """One input row -> a sample for the writer, or the failure that becomes its index row."""
     try:
         source = resolve_source(row)
+        caption = clean_row_caption(row, cfg)
         if cfg.is_image_dataset:
             source["image"] = True
         clip = decoder.decode(source, [cfg.seed, row["row"]])
@@ -168,7 +184,6 @@ def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessCon
     }
     if "conversations" in row:
         meta["conversations"] = row["conversations"]
-    caption = clean_caption(str(row["caption"]), cfg.caption)
     return {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
 
 

@@ -17,13 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_local():
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=100 << 20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    from pipeline.raycluster import init_ray
+
+    init_ray(None, 2, object_store_mb=100)  # the stages' own start: local-only, as users get it
     yield ray
     ray.shutdown()
 
