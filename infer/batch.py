@@ -30,9 +30,9 @@ from typing import Any, Literal
 import numpy as np
 
 from infer.load import ModelSource, check_llm, resolve
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.generate import GenerationConfig, caption_features
-from pipeline.raycluster import init_ray
+from pipeline.raycluster import init_ray, quiet_actor_restart_warning
 from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
 
@@ -175,11 +175,11 @@ def run(cfg: BatchCaptionConfig) -> dict[str, Any]:
     """Caption every sample of ``cfg.shards`` not yet in ``cfg.output``; returns the summary."""
     import ray
 
+    check_writable(Path(cfg.output).absolute().parent, "output")
     resolved = resolve(cfg.model)
     check_llm(resolved.mcfg, resolved.weights)  # here, not as a traceback from inside an actor
     kind = inspect_shards(cfg.shards, cfg.input, mcfg=resolved.mcfg, setting="shards").kind
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
     todo, info = _plan(cfg, done)
     resumed = sum(len(v) for v in done.values())
@@ -204,7 +204,7 @@ def run(cfg: BatchCaptionConfig) -> dict[str, Any]:
                 num_gpus=gpus,
                 num_cpus=cfg.num_cpus,
             )
-            with open(out, "a") as f:
+            with open(out, "a") as f, quiet_actor_restart_warning():
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     for line in batch["line"]:
                         rec = json.loads(line)

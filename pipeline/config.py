@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -166,6 +167,20 @@ def load_config(
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def check_writable(folder: str | Path, what: str = "output") -> None:
+    """Create ``folder`` if needed and prove a file can be written in it: one line before any work,
+    not a traceback from a worker hours later (permission bits alone say nothing for root, so a
+    file is actually created)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {str(folder)!r}: {e.strerror or e}") from None
 
 
 def fingerprint(data: Any) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, check_writable, to_dict
 from pipeline.raycluster import init_ray, quiet_actor_restart_warning
 from pipeline.shards import (
     CONFIG_FILE,
@@ -89,18 +89,6 @@ def check_output(cfg: PreprocessConfig) -> None:
             )
     elif any(out.iterdir()):
         raise ConfigError(f"output: {cfg.output!r} is not empty and was not written by this job")
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written in it (one line, not a traceback
-    from a worker hours later)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tmp_path(folder / "write-test")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output: cannot write in {str(folder)!r}: {e.strerror or e}") from None
 
 
 def prepare_output(cfg: PreprocessConfig) -> None:

@@ -24,6 +24,17 @@ def ray_local():
     ray.shutdown()
 
 
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: permission bits for a normal user; root writes through
+    them, so for root a kernel folder that refuses new files."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return locked
+
+
 def write_annotations(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

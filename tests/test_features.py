@@ -28,8 +28,9 @@ def cache_cfg(corpus, out, **kw) -> PreprocessConfig:
     return load_config(PreprocessConfig, values=values)
 
 
-def test_cached_features_equal_running_the_encoder(ray_local, corpus, tmp_path):
+def test_cached_features_equal_running_the_encoder(ray_local, corpus, tmp_path, capfd):
     summary = run(cache_cfg(corpus, tmp_path / "out"))
+    assert "constructor arguments in the object store" not in capfd.readouterr().err, "no alarming E line"
     assert summary["ok"] == sum(r == "ok" for _, r in corpus["expected"])
     encoder = FrozenEncoder(tiny(), seed=0)
     assert summary["encoder"].endswith(encoder.weights_fingerprint())

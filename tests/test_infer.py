@@ -29,7 +29,7 @@ from pipeline.prompts import prepare_tokenizer
 from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer, write_tiny_llm
-from tests.conftest import BAD_ROWS, build_corpus
+from tests.conftest import BAD_ROWS, build_corpus, unwritable_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stage1_tiny.yaml"
@@ -217,7 +217,7 @@ def test_chat_with_empty_stdin_says_so(data, run_dir):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
-def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path):
+def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path, capfd):
     out = tmp_path / "captions.jsonl"
     cfg = BatchCaptionConfig(
         model=ModelSource(checkpoint=str(run_dir)),
@@ -226,6 +226,7 @@ def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_p
         output=str(out),
     )
     full = caption_shards(cfg)
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
     rows = _lines(out)
     ok_keys = {s["key"] for p in list_shards(data["shards"]) for s in read_shard(p)}
     assert len(ok_keys) == 6 and sorted(r["key"] for r in rows) == sorted(ok_keys)
@@ -302,3 +303,6 @@ def test_errors_name_the_problem(data, run_dir, tmp_path):
     assert r.exit_code == 1 and "noshards" in r.output and "Traceback" not in r.output
     r = _cli("caption", str(run_dir), video, "generation.top_p=2")
     assert r.exit_code == 1 and "top_p" in r.output
+    locked = unwritable_folder(tmp_path)
+    r = _cli("caption-shards", str(run_dir), str(data["shards"]), "--output", str(locked / "c.jsonl"))
+    assert r.exit_code == 1 and "cannot write in" in r.output and "Traceback" not in r.output

@@ -19,7 +19,7 @@ from preprocess.decode import DecodeFailure
 from preprocess.job import format_reasons, plan_units, run
 from preprocess.plan import ShardPlan, stream_csv
 from preprocess.steps import clean_caption, process_row, resolve_source
-from tests.conftest import write_annotations
+from tests.conftest import unwritable_folder, write_annotations
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +159,7 @@ def test_bad_settings_and_unwritable_output_refused_before_work(ray_local, clips
                 overrides=[bad],
                 values={"annotations": str(csv), "videos": str(videos), "output": "o"},
             )
-    if os.geteuid() == 0:  # root writes through permission bits: use a folder no one can create files in
-        locked = Path("/sys")
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o555)
+    locked = unwritable_folder(tmp_path)
     for out in (locked, locked / "shards"):
         with pytest.raises(ConfigError, match="cannot write in"):
             run(cfg_for(csv, videos, out))
