@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.shards import list_shards, read_shard
 from preprocess.config import CaptionConfig, PreprocessConfig
 from preprocess.decode import DecodeFailure
-from preprocess.job import format_reasons, plan_units, run
+from preprocess.job import MAX_TASKS, format_reasons, group_units, plan_units, run
 from preprocess.plan import ShardPlan, stream_csv
 from preprocess.steps import clean_caption, process_row, resolve_source
 from tests.conftest import unwritable_folder, write_annotations
@@ -246,6 +246,9 @@ def test_work_units_follow_cores_not_shard_size():
     assert [(u.shard, u.lo, u.hi) for u in plan_units(two, cpus=1)] == [(0, 0, 256), (1, 0, 44)]
     many = [ShardPlan(i, i * 256, 256, str(i)) for i in range(64)]
     assert len(plan_units(many, cpus=2)) == 64, "enough shards: whole shards, nothing to join"
+    huge = plan_units([ShardPlan(i, i * 256, 256, str(i)) for i in range(41_800)], cpus=64)
+    groups = group_units(huge)  # WebVid-10M: the driver's Ray Data state stays bounded
+    assert len(groups) <= MAX_TASKS and [u for g in groups for u in g] == huge
 
 
 def test_split_shards_are_byte_identical_to_whole_ones(ray_local, clips, tmp_path, monkeypatch):
