@@ -211,7 +211,6 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     resolve_paths(cfg)
     check_output(cfg)
     check_inputs(cfg)
-    prepare_output(cfg)
 
     # Ray starts (seconds of subprocesses) while this thread streams the input into the plan and
     # imports Ray Data (1-3 s of imports the driver would otherwise pay after Ray is up)
@@ -226,10 +225,13 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
             _shutdown(owns_ray)
             raise
         timing["plan_s"] = time.monotonic() - t0
+        timing["peak_rss_mb_after_plan"] = _peak_rss_mb()
     try:
         total = sum(p.rows for p in plans)
         if total == 0:
+            (Path(cfg.output) / PLAN_FILE).unlink()
             raise ConfigError(f"input: {cfg.annotations or cfg.tars!r} holds no rows: nothing to do")
+        prepare_output(cfg)  # only once the input has been read without error
         todo, resumed, changed = reconcile(cfg, plans)
         print(
             f"[preprocess] {total} input rows in {len(plans)} shards; {len(plans) - len(todo)} shards "
@@ -245,9 +247,11 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         t0 = time.monotonic()
         _shutdown(owns_ray)
         timing["ray_shutdown_s"] = time.monotonic() - t0
+        timing["peak_rss_mb_after_work"] = _peak_rss_mb()
     t0 = time.monotonic()
     summary = _finish(cfg, plans, resumed, work_s)
     timing["index_s"] = time.monotonic() - t0
+    timing["peak_rss_mb_after_index"] = _peak_rss_mb()
     summary["seconds"] = round(time.monotonic() - t_start, 3)
     summary["timing"] = {k: round(v, 3) for k, v in timing.items()}
     write_json(summary, Path(cfg.output) / SUMMARY_FILE)
@@ -259,6 +263,13 @@ def _plan_and_import(cfg: PreprocessConfig) -> list[ShardPlan]:
     import ray.data  # noqa: F401
 
     return plans
+
+
+def _peak_rss_mb() -> float:
+    """This process's high-water RSS so far: which phase makes the driver's peak."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _since_process_start() -> float:

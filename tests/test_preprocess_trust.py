@@ -167,6 +167,7 @@ def test_bad_settings_and_unwritable_output_refused_before_work(ray_local, clips
     (tmp_path / "header_only.csv").write_text("videoid,page_dir,name\n")
     with pytest.raises(ConfigError, match="nothing to do"):
         run(cfg_for(tmp_path / "header_only.csv", videos, tmp_path / "out_empty"))
+    assert not list((tmp_path / "out_empty").iterdir()), "nothing is left behind"
 
 
 def test_csv_records_with_newlines_and_too_few_fields(clips, ray_local, tmp_path):
