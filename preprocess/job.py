@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -54,6 +55,7 @@ from preprocess.plan import ShardPlan, check_inputs, write_plan
 from preprocess.steps import WorkUnit, part_path, process_unit, shard_path
 
 UNITS_PER_WORKER = 16  # when shards are few: enough units that the last one running alone is short
+INDEX_ROW_GROUP = 1 << 16  # rows per index.parquet row group
 MAX_TASKS = 2048  # Ray tasks (Ray Data blocks) per job; more units than this share tasks
 
 
@@ -362,6 +364,7 @@ def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Cou
     final = Path(cfg.output) / INDEX_FILE
     tmp = tmp_path(final)
     ok, failures = 0, Counter()
+    pending: list[pa.Table] = []
     with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
         for plan in plans:
             part = pq.read_table(part_path(cfg, plan.shard)).replace_schema_metadata(None)
@@ -372,7 +375,12 @@ def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Cou
             ok += pc.sum(is_ok).as_py() or 0
             reasons = pc.value_counts(part.filter(pc.invert(is_ok)).column("reason"))
             failures.update({r["values"]: r["counts"] for r in reasons.to_pylist()})
-            writer.write_table(part)
+            pending.append(part)
+            if sum(t.num_rows for t in pending) >= INDEX_ROW_GROUP:  # few, large row groups: a small footer
+                writer.write_table(pa.concat_tables(pending))
+                pending = []
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
     commit(tmp, final)
     return ok, failures
 
