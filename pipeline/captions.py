@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipeline.config import ConfigError
+
 
 @dataclass
 class CaptionCleaning:
@@ -15,6 +17,10 @@ class CaptionCleaning:
     lowercase: bool = True
     strip_chars: str = '.!"()*#:;~'
     max_words: int = 50
+
+    def validate(self) -> None:
+        if self.max_words < 1:  # a negative cut would silently drop the last words of every caption
+            raise ConfigError(f"caption.max_words: {self.max_words} must be >= 1")
 
 
 def clean_caption(text: str, cfg: CaptionCleaning) -> str:

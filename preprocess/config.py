@@ -16,9 +16,9 @@ def _max_frames() -> int:
 
     return ModelConfig.max_frames
 
-OBJECT_STORE_MIN_MB = (
-    75  # Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
-)
+
+# Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
+OBJECT_STORE_MIN_MB = 75
 
 
 @dataclass
@@ -108,8 +108,7 @@ class PreprocessConfig:
             raise ConfigError("decode_timeout_s: must be > 0")
         if self.views < 1:
             raise ConfigError("views: must be >= 1")
-        if self.caption.max_words < 1:
-            raise ConfigError(f"caption.max_words: {self.caption.max_words} must be >= 1")
+        self.caption.validate()
         if self.features.batch_size < 1:
             raise ConfigError(f"features.batch_size: {self.features.batch_size} must be >= 1")
         if self.features.concurrency < 1:

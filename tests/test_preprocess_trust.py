@@ -12,13 +12,14 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.captions import CaptionCleaning, clean_caption
 from pipeline.config import ConfigError, load_config
 from pipeline.shards import list_shards, read_shard
-from preprocess.config import CaptionConfig, PreprocessConfig
-from preprocess.decode import DecodeFailure
+from pipeline.video import DecodeFailure
+from preprocess.config import PreprocessConfig
 from preprocess.job import MAX_TASKS, format_reasons, group_units, plan_units, run
 from preprocess.plan import ShardPlan, stream_csv
-from preprocess.steps import clean_caption, process_row, resolve_source
+from preprocess.steps import process_row, resolve_source
 from tests.conftest import unwritable_folder, write_annotations
 
 
@@ -188,8 +189,8 @@ def test_csv_records_with_newlines_and_too_few_fields(clips, ray_local, tmp_path
     assert "2 fields, expected 3" in bad.message and "'1,p1'" in bad.message
     spans = "a caption that\nspans two lines, far past the first block"
     expected = [
-        ("2", clean_caption('the last, "quoted" caption', CaptionConfig())),
-        ("3", clean_caption(spans, CaptionConfig())),
+        ("2", clean_caption('the last, "quoted" caption', CaptionCleaning())),
+        ("3", clean_caption(spans, CaptionCleaning())),
     ]
     assert samples(out) == expected
     # the malformed record is accounted after the file's rows (row 6000, shard 6, which has no ok row)
