@@ -22,6 +22,9 @@ import yaml
 T = TypeVar("T")
 
 
+MAX_FRAMES = 32  # rows of the frame position embedding: the most frames a clip may have (torch-free here)
+
+
 class ConfigError(ValueError):
     """A config file, flag or override that cannot be used; the message names the key."""
 

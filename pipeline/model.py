@@ -32,7 +32,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from pipeline.config import ConfigError, WeightPaths, fingerprint
+from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -68,7 +68,7 @@ class ModelConfig(WeightPaths):
     video_qformer_heads: int = 12
     video_qformer_ffn: int = 3072
     num_video_query_tokens: int = 32
-    max_frames: int = 32
+    max_frames: int = MAX_FRAMES
     dropout: float = 0.1
     # Frozen LLM: a local Hugging Face causal-LM directory, or (llm_path null) a Llama built from the
     # llm_* sizes below with random weights (tests, smoke runs, meta-device counting).

@@ -7,15 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.captions import CaptionCleaning
-from pipeline.config import ConfigError, WeightPaths, fingerprint
-
-
-def _max_frames() -> int:
-    """The model's frame limit (``ModelConfig.max_frames``): shards with more frames could not train."""
-    from pipeline.model import ModelConfig
-
-    return ModelConfig.max_frames
-
+from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
 
 # Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 OBJECT_STORE_MIN_MB = 75
@@ -90,7 +82,7 @@ class PreprocessConfig:
         if not self.output:
             raise ConfigError("output: an output folder is required (--output DIR)")
         self._validate_inputs()
-        max_frames = _max_frames()
+        max_frames = MAX_FRAMES  # not ModelConfig.max_frames: that import would load torch in the driver
         if not 1 <= self.num_frames <= max_frames:
             raise ConfigError(
                 f"num_frames: {self.num_frames} is outside 1..{max_frames} "

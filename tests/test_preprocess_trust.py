@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -20,7 +22,7 @@ from preprocess.config import PreprocessConfig
 from preprocess.job import MAX_TASKS, format_reasons, group_units, plan_units, run
 from preprocess.plan import ShardPlan, stream_csv
 from preprocess.steps import process_row, resolve_source
-from tests.conftest import unwritable_folder, write_annotations
+from tests.conftest import REPO, unwritable_folder, write_annotations
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +287,15 @@ def test_progress_shows_every_failure_reason_or_how_many_others():
     line = format_reasons(reasons)
     assert line == "missing_file=9, decode_error=3, too_short=2, empty_file=1, +2 other"
     assert format_reasons({"a": 1}) == "a=1"
+
+
+def test_preprocessing_driver_does_not_load_torch():
+    """torch + transformers cost the driver ~300 MB and seconds of start-up it never uses."""
+    code = (
+        "import sys; from pipeline.config import load_config; from preprocess.config import PreprocessConfig;"
+        "import preprocess.job, cli;"
+        "load_config(PreprocessConfig, values={'annotations': 'a', 'videos': 'v', 'output': 'o'});"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
