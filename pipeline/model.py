@@ -150,6 +150,10 @@ def torch_dtype(name: DType) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+# Random-init std of the frozen encoder when no weights are loaded (EVA's and BLIP-2's own init).
+INIT_STD = 0.02
+
+
 def vision_config(cfg: ModelConfig) -> Blip2VisionConfig:
     return Blip2VisionConfig(
         hidden_size=cfg.vision_width,
@@ -160,6 +164,7 @@ def vision_config(cfg: ModelConfig) -> Blip2VisionConfig:
         patch_size=cfg.patch_size,
         layer_norm_eps=cfg.vision_eps,
         qkv_bias=True,
+        initializer_range=INIT_STD,  # transformers' default is 1e-10: a random ViT would be ~0 everywhere
     )
 
 
@@ -248,7 +253,9 @@ class FrozenEncoder(nn.Module):
             torch.manual_seed(seed)
             self.visual_encoder = Blip2VisionModel(vision_config(cfg)).to(torch_dtype(cfg.vision_dtype))
             self.qformer = Blip2QFormerModel(image_qformer_config(cfg))
-            self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.feature_dim))
+            # BLIP-2's init; zeros would make the 32 queries identical (one pooled vector per frame)
+            queries = torch.zeros(1, cfg.num_query_tokens, cfg.feature_dim).normal_(0, INIT_STD)
+            self.query_tokens = nn.Parameter(queries)
         self.requires_grad_(False)
         self.eval()
 

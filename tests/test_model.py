@@ -208,3 +208,21 @@ def test_llm_gradient_checkpointing_gives_the_same_loss_and_gradients():
     (l0, g0), (l1, g1) = batches
     assert torch.equal(l0, l1)
     assert all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0) and any(g0[n].abs().sum() > 0 for n in g0)
+
+
+def test_the_random_tiny_encoder_is_not_degenerate():
+    """transformers' Blip2VisionConfig defaults to initializer_range=1e-10 and the image Q-Former's
+    query tokens used to be zeros: the ViT was ~0 and the 32 queries identical, so every frame collapsed
+    to one pooled vector. Now: std-0.02 weights and position embeddings, 32 distinct queries."""
+    from pipeline.model import FrozenEncoder
+
+    enc = FrozenEncoder(tiny(), seed=0)
+    emb = enc.visual_encoder.embeddings
+    for t in (emb.patch_embedding.weight, emb.position_embedding, enc.query_tokens):
+        assert 0.015 < t.std().item() < 0.025
+    clip = torch.randn(2, 3, 4, 56, 56)
+    feats = enc(clip)  # [B, T, 32, D]
+    spread = feats.std(dim=2).mean().item()  # across the 32 queries of one frame
+    assert spread > 0.05, spread
+    # what the frame shows reaches the features: two different frames, different features
+    assert (feats[0, 0] - feats[1, 0]).abs().mean().item() > 1e-3
