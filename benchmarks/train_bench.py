@@ -17,7 +17,7 @@ import torch
 from pipeline.model import VideoLLaMA, clip_from_frames, preset
 from pipeline.prompts import caption_sample, collate, prepare_tokenizer
 from pipeline.tiny import tiny_tokenizer
-from train.loop import param_groups
+from train.engine import param_groups
 
 
 def main() -> None:

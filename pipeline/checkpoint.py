@@ -4,7 +4,8 @@
 
 * the DeepSpeed checkpoint without frozen weights (trainable params + ZeRO optimizer partitions): with a
   7B LLM that is ~22M parameters' worth of weights and Adam state, not 7B;
-* ``train_state_rank{R}.json``: plain data per rank: step, samples seen, data cursors, RNG states;
+* ``train_state_rank{R}.json``: this rank's :class:`TrainState` (step, samples seen, data cursors, skip
+  counters, world size) and RNG states, as plain JSON;
 * ``export/``: the trainable-only export (``pipeline.weights.export_trainable``) that inference and
   stage 2 load;
 * ``COMPLETE``: written last, after every rank finished; a checkpoint without it is ignored (a run
@@ -17,6 +18,7 @@ import base64
 import json
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,17 @@ import torch
 from pipeline.distributed import barrier
 from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, checkpoint_tag, train_state_file
 from pipeline.shards import write_json
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the engine's weights and optimizer, for one rank."""
+
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # all ranks
+    cursors: list[dict[str, Any]] = field(default_factory=list)  # per loader worker of this rank (train.data)
+    world_size: int = 1  # resuming needs the same number of processes (cursors, ZeRO partitions)
+    skipped: dict[str, int] = field(default_factory=lambda: {"errors": 0, "too_long": 0})  # all ranks
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,20 +85,15 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def save(
-    engine,
-    run_dir: str | Path,
-    step: int,
-    rank: int,
-    state: dict[str, Any],
-    export_fn=None,
-    keep_last: int = 2,
+    engine, run_dir: str | Path, state: TrainState, rank: int, export_fn=None, keep_last: int = 2
 ) -> Path:
-    """Collective: every rank calls it. ``state`` is this rank's plain-data train state."""
+    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``."""
+    step = state.step
     root = Path(run_dir) / CHECKPOINTS
     path = root / checkpoint_tag(step)
     path.mkdir(parents=True, exist_ok=True)
     rng = rng_state()
-    write_json({**state, "rng": rng}, path / train_state_file(rank))
+    write_json({**asdict(state), "rng": rng}, path / train_state_file(rank))
     engine.save_checkpoint(
         str(root), tag=checkpoint_tag(step), save_latest=False, exclude_frozen_parameters=True
     )
@@ -104,7 +112,7 @@ def save(
     return path
 
 
-def load(engine, path: str | Path, rank: int, world_size: int) -> dict[str, Any]:
+def load(engine, path: str | Path, rank: int, world_size: int) -> TrainState:
     """Restore engine (trainable weights + optimizer) and this rank's RNG; returns its train state."""
     path = Path(path)
     state_file = path / train_state_file(rank)
@@ -124,7 +132,7 @@ def load(engine, path: str | Path, rank: int, world_size: int) -> dict[str, Any]
         load_lr_scheduler_states=False,  # the lr is set from the step every step
     )
     set_rng_state(state.pop("rng"))
-    return state
+    return TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
 
 
 def checkpoint_bytes(path: str | Path, include_export: bool = False) -> int:

@@ -2,7 +2,9 @@
 
 Every stage declares one dataclass (nested dataclasses allowed). ``load_config`` merges, in order,
 the dataclass defaults, an optional YAML file, and dotted ``key=value`` overrides, and rejects
-unknown keys (with a suggestion) and values of the wrong type with a message naming the key.
+unknown keys (with a suggestion) and values of the wrong type with a message naming the key. A class
+whose defaults depend on other keys (training's ``model`` on ``model_preset``) fills them in a
+``fill_defaults(data)`` classmethod, called on the merged values before they are checked.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    fill = getattr(cls, "fill_defaults", None)  # defaults that depend on other keys (a model preset)
+    if fill is not None:
+        data = fill(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]

@@ -108,6 +108,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_named(values: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Sum named numbers over ranks in one float64 all-reduce; the sums come back by name, never read by
+    position. ``device``: this process's (NCCL reduces only CUDA tensors)."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    return dict(zip(values, all_reduce_sum(t).tolist(), strict=True))
+
+
 def all_gather_object(obj):
     """Every rank's ``obj`` as a list indexed by rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -115,14 +122,6 @@ def all_gather_object(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def cleanup() -> None:

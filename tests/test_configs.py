@@ -27,14 +27,12 @@ def test_config_loads_and_says_how_to_run_it(path):
     assert first.startswith("#") and "cli.py" in first, (
         f"{path.name} must start with the command that runs it"
     )
-    cfg = load_config(config_class(path), path)
-    if hasattr(cfg, "model_config"):
-        cfg.model_config()
+    load_config(config_class(path), path)  # nested configs (the model) are checked as they load
 
 
 def test_real_size_stage1_mirrors_the_original_recipe():
     from train.config import TrainConfig
-    from train.loop import lr_at
+    from train.engine import lr_at
 
     cfg = load_config(TrainConfig, [p for p in CONFIGS if p.name == "stage1_vit-g_7b.yaml"][0])
     o = cfg.optim
@@ -59,13 +57,13 @@ def test_real_size_stage1_mirrors_the_original_recipe():
     assert lr_at(2500, o, 12500) == pytest.approx(9.8090169943749474e-5, rel=1e-12)
     # 8e-5 + 1e-5 * (1 - cos(pi/12500)) ~ 8e-5 + 1e-5 * (pi/12500)^2 / 2 = 8e-5 + 3.1582734e-13
     assert lr_at(12499, o, 12500) == pytest.approx(8.00000003158273e-5, rel=1e-14)
-    m = cfg.model_config()
+    m = cfg.model
     assert (m.vision_layers, m.llm_hidden_size, m.feature_dim) == (39, 4096, 768)
 
 
 def test_real_size_stage2_mirrors_the_original_recipe():
     from train.config import TrainConfig
-    from train.loop import lr_at
+    from train.engine import lr_at
 
     cfg = load_config(TrainConfig, [p for p in CONFIGS if p.name == "stage2_vit-g_7b.yaml"][0])
     o, d = cfg.optim, cfg.data
@@ -86,4 +84,4 @@ def test_real_size_stage2_mirrors_the_original_recipe():
     assert lr_at(2999, o, 3000) == pytest.approx(1.0000005483113055e-5, rel=1e-14)
     # the original mixes its three instruction sets uniformly; images are 1-frame clips
     assert [(s.weight, s.num_frames) for s in d.specs()] == [(1, 1), (1, 1), (1, 8)]
-    assert cfg.init_from and cfg.model_config().llm_path == "models/vicuna-7b"
+    assert cfg.init_from and cfg.model.llm_path == "models/vicuna-7b"

@@ -29,7 +29,7 @@ from tests.test_prompts import expected
 from tests.test_train import _env, losses, run_train
 from train.config import TrainConfig
 from train.data import CAPTION_INSTRUCTIONS, TrainStream, make_loader, shard_counts
-from train.loop import build_model, weights_checksum
+from train.engine import build_model, weights_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2_TINY = REPO / "configs" / "stage2_tiny.yaml"
@@ -351,13 +351,13 @@ def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
         for n, f in (("cc_sbu_align", 1), ("llava", 1), ("videochat", 8))
     )
     # bf16 as on a GPU: DeepSpeed then rebuilds its fp32 master weights from the bf16-cast module, which
-    # the loop must undo (train.loop.set_master_weights) for stage 2 to start from the export exactly
+    # the loop must undo (train.engine.set_master_weights) for stage 2 to start from the export exactly
     args = [f"init_from={stage1 / 'export'}", f"data.datasets=[{mix}]", f"run_dir={stage2}", "max_steps=6"]
     args.append("data.label_mask=answers")  # skips the too-long question (the original's mask keeps it)
     args.append("precision=bf16")
     cfg = load_config(TrainConfig, STAGE2_TINY, args)
     # step 0 = build_model + the optimizer's fp32 master copy: both hold the stage-1 export, exactly
-    model = build_model(cfg, cfg.model_config())
+    model = build_model(cfg, cfg.model)
     trainable = model.trainable_state_dict()
     assert trainable.keys() == export_sd.keys()
     assert all(torch.equal(trainable[k], export_sd[k]) for k in export_sd)

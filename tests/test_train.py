@@ -27,7 +27,7 @@ from pipeline.weights import load_trainable
 from tests.conftest import build_corpus
 from train.config import OptimConfig, TrainConfig
 from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
-from train.loop import ds_config, lr_at, param_groups
+from train.engine import ds_config, lr_at, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stage1_tiny.yaml"

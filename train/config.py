@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.model import PRESETS, ModelConfig, preset
 
 
@@ -65,7 +65,7 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation during training (infer.evaluate): held-out caption loss/perplexity every ``every`` steps."""
+    """Validation during training (train.validation): held-out caption loss/perplexity every ``every`` steps."""
 
     shards: str | None = None  # a held-out shard set; None: no validation
     every: int = 500  # optimizer steps (and at the last step)
@@ -80,7 +80,8 @@ class EvalConfig:
 class TrainConfig:
     run_dir: str = "runs/stage1"
     model_preset: str = "vit-g-7b"
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig keys over the preset
+    # the preset's ModelConfig with the keys given here over it (fill_defaults); written out resolved
+    model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: str | None = None  # default: model.llm_path; tiny preset without llm_path: built in code
     init_from: str | None = None  # trainable-weights export or Video-LLaMA .pth to start from
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,14 +101,11 @@ class TrainConfig:
     experiment: str = "videollama-stage1"
     run_name: str | None = None
     tracking: bool = True
-    eval: EvalConfig = field(default_factory=EvalConfig)  # validation split (infer.evaluate)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation split (train.validation)
 
     def validate(self) -> None:
         if self.eval.every < 1 or self.eval.batch_size < 1:
             raise ConfigError("eval.every and eval.batch_size must be >= 1")
-        if self.model_preset not in PRESETS:
-            raise ConfigError(f"model_preset: {self.model_preset!r} is not one of {', '.join(PRESETS)}")
-        self.model_config()  # rejects unknown model keys early
         specs = self.data.specs()
         if self.data.shards and self.data.datasets:
             raise ConfigError("data: give data.shards or data.datasets, not both")
@@ -125,7 +123,7 @@ class TrainConfig:
             raise ConfigError("max_steps: must be >= 1")
         if self.save_every < 1 or self.keep_last < 1:
             raise ConfigError("save_every and keep_last must be >= 1")
-        max_frames = self.model_config().max_frames
+        max_frames = self.model.max_frames
         if not 1 <= self.data.num_frames <= max_frames:
             raise ConfigError(f"data.num_frames: {self.data.num_frames} is outside 1..model.max_frames")
         for i, s in enumerate(self.data.datasets):
@@ -139,7 +137,7 @@ class TrainConfig:
                 "data.template: conversation training needs the LLM's prompt style: 'vicuna' "
                 "(Vicuna / LLaMA) or 'llama2' (LLaMA-2-chat)"
             )
-        if d.max_caption_tokens < 1 or d.max_len < self.model_config().num_video_query_tokens + 2:
+        if d.max_caption_tokens < 1 or d.max_len < self.model.num_video_query_tokens + 2:
             raise ConfigError("data.max_caption_tokens must be >= 1 and data.max_len > the video block")
         o = self.optim
         if not (o.init_lr > 0 and o.min_lr >= 0 and o.warmup_lr >= 0 and o.warmup_steps >= 0):
@@ -147,9 +145,12 @@ class TrainConfig:
         if o.grad_clip < 0:
             raise ConfigError("optim.grad_clip: must be >= 0 (0: no clipping)")
 
-    def model_config(self) -> ModelConfig:
-        base = dataclasses.asdict(preset(self.model_preset))
-        try:
-            return load_config(ModelConfig, values={**base, **self.model})
-        except ConfigError as e:
-            raise ConfigError(f"model: {e}") from None
+    @classmethod
+    def fill_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``model`` keys are given over the ``model_preset``'s sizes, not over ModelConfig's defaults."""
+        name, model = data.get("model_preset", cls.model_preset), data.get("model") or {}
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"model_preset: {name!r} is not one of {', '.join(PRESETS)}")
+        if not isinstance(model, dict):
+            return data  # a ModelConfig already, or a wrong type that the type check names
+        return {**data, "model": {**dataclasses.asdict(preset(name)), **model}}

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from pipeline import distributed
 from pipeline.evaluation import score, summarize
 from pipeline.generate import GenerationConfig
@@ -43,13 +41,12 @@ def evaluate_in_training(
         )
     finally:
         model.train(was_training)
-    sums = torch.tensor([nll, tokens, count], dtype=torch.float64, device=device)
-    distributed.all_reduce_sum(sums)
+    sums = distributed.all_reduce_named({"nll": nll, "tokens": tokens, "samples": count}, device)
     if world > 1 and gen is not None:
         preds = [p for part in distributed.all_gather_object(preds) for p in part]
     if rank != 0:
         return {}
-    metrics = summarize(float(sums[0]), int(sums[1]), preds, int(sums[2]))
+    metrics = summarize(sums["nll"], int(sums["tokens"]), preds, int(sums["samples"]))
     path = Path(run_dir) / EVAL
     kept = path.read_text().splitlines() if path.is_file() else []
     kept = [ln for ln in kept if ln and json.loads(ln)["step"] < step]  # a resumed run rewrites later steps
