@@ -54,6 +54,8 @@ bench: setup
 	$(BIN)/python benchmarks/feature_cache_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/loader_bench.py
+	$(BIN)/python benchmarks/command_bench.py
+	$(BIN)/python benchmarks/bookkeeping_bench.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
