@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python benchmarks/loader_bench.py
 	$(BIN)/python benchmarks/command_bench.py
 	$(BIN)/python benchmarks/bookkeeping_bench.py
+	$(BIN)/python benchmarks/encoder_precision.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Video-LLaMA (vision branch) composed from transformers blocks.
 
     clip [B,3,T,H,W] -> visual_encoder (EVA ViT-g = Blip2VisionModel, frozen)
-                     -> ln_vision (= visual_encoder.post_layernorm, frozen)
+                     -> ln_vision (stored as visual_encoder.post_layernorm, frozen)
                      -> qformer + query_tokens (BLIP-2 image Q-Former, frozen)   = features [B,T,32,D]
     features         -> + video_frame_position_embedding -> video_qformer + video_query_tokens
                      -> llama_proj                                                = video tokens [B,32,H]
@@ -10,10 +10,17 @@
 ``features`` is the feature-cache boundary: everything that trains is downstream of it, so a batch may
 carry either the raw ``clip`` or cached ``features`` and gives the same loss.
 
-``ln_vision`` is not a separate module: transformers' ``Blip2VisionModel`` ends with ``post_layernorm``
-applied to all 257 tokens of the last block, which is exactly the original ``ln_vision(visual_encoder(x))``
-(the EVA ViT itself has no final norm). transformers' BLIP-2 conversion maps ``ln_vision.*`` onto
-``vision_model.post_layernorm.*`` for the same reason, so the HF BLIP-2 weights load unchanged.
+``ln_vision`` lives in the slot of transformers' ``Blip2VisionModel.post_layernorm``, applied to all 257
+tokens of the last block (the EVA ViT itself has no final norm), which is where transformers' BLIP-2
+conversion puts the ``ln_vision.*`` weights, so the HF BLIP-2 weights load unchanged. That slot is
+refilled with the original's module: a plain LayerNorm with torch's default eps 1e-5 (the ViT's own
+norms use 1e-6), computed in fp32 (``build_vision_encoder``).
+
+Precision of the frozen ViT as the original's ``convert_weights_to_fp16``: only its Linear/Conv weights
+are in ``vision_dtype``; LayerNorms, class/position embeddings and ln_vision stay fp32, so the residual
+stream is fp32 and every Linear computes in its weights' dtype (what the original got from fp16
+autocast). Casting the whole ViT to fp16 instead moves the features measurably
+(``benchmarks/encoder_precision.py``, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from transformers import (
     Blip2VisionModel,
     LlamaConfig,
 )
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings
 
 from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
 
@@ -55,7 +63,7 @@ class ModelConfig(WeightPaths):
     vision_heads: int = 16
     vision_mlp: int = 6144
     vision_eps: float = 1e-6
-    vision_dtype: DType = "float16"  # the original runs the frozen ViT in fp16
+    vision_dtype: DType = "float16"  # the frozen ViT's Linear/Conv weights (norms, embeddings: fp32)
     # Frozen BLIP-2 image Q-Former. Its hidden size is the cached feature dim used everywhere downstream.
     feature_dim: int = 768
     qformer_layers: int = 12
@@ -103,7 +111,8 @@ class ModelConfig(WeightPaths):
         keys = [k for k in self.__dataclass_fields__ if k.startswith(("image_", "patch_", "vision_"))]
         keys += ["feature_dim", "qformer_layers", "qformer_heads", "qformer_ffn", "qformer_cross_every"]
         keys += ["num_query_tokens", *self.weight_paths()]
-        return fingerprint({k: getattr(self, k) for k in keys})
+        numerics = {"ln_vision_eps": LN_VISION_EPS, "vit_precision": "linear-conv-only"}
+        return fingerprint({**{k: getattr(self, k) for k in keys}, **numerics})
 
 
 def vit_g(llm: Literal["7b", "13b"] = "7b") -> ModelConfig:
@@ -166,6 +175,42 @@ def vision_config(cfg: ModelConfig) -> Blip2VisionConfig:
         qkv_bias=True,
         initializer_range=INIT_STD,  # transformers' default is 1e-10: a random ViT would be ~0 everywhere
     )
+
+
+LN_VISION_EPS = 1e-5  # the original's ln_vision = LayerNorm(1408): torch's default eps
+
+
+class _OwnDtypeEmbeddings(Blip2VisionEmbeddings):
+    """EVA's embedding: the patch Conv in its weights' dtype, then class and position embeddings in
+    their own (fp32) dtype, as the original's ``x + pos_embed`` promoted (transformers would round them
+    to the Conv's dtype). No state of its own: the built module's class is swapped, keys unchanged."""
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        conv = self.patch_embedding
+        patches = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(len(patches), 1, -1)
+        x = torch.cat([cls, patches.to(cls.dtype)], dim=1)
+        h, w = pixel_values.shape[-2:]
+        pos = self.interpolate_pos_encoding(x, h, w) if interpolate_pos_encoding else self.position_embedding
+        return x + pos[:, : x.shape[1]]
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def build_vision_encoder(cfg: ModelConfig) -> Blip2VisionModel:
+    """EVA ViT-g + ln_vision with the original's precision: Linear/Conv weights in ``vision_dtype``,
+    everything else fp32, and each Linear/LayerNorm computing in its own weights' dtype."""
+    vit = Blip2VisionModel(vision_config(cfg))
+    vit.post_layernorm = nn.LayerNorm(cfg.vision_width, eps=LN_VISION_EPS)  # ln_vision (no RNG draw)
+    vit.embeddings.__class__ = _OwnDtypeEmbeddings
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.to(torch_dtype(cfg.vision_dtype))
+        if isinstance(m, (nn.Linear, nn.LayerNorm)):
+            m.register_forward_pre_hook(_input_to_weight_dtype)
+    return vit
 
 
 def image_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
@@ -251,7 +296,7 @@ class FrozenEncoder(nn.Module):
         self.cfg = cfg
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.visual_encoder = Blip2VisionModel(vision_config(cfg)).to(torch_dtype(cfg.vision_dtype))
+            self.visual_encoder = build_vision_encoder(cfg)
             self.qformer = Blip2QFormerModel(image_qformer_config(cfg))
             # BLIP-2's init; zeros would make the 32 queries identical (one pooled vector per frame)
             queries = torch.zeros(1, cfg.num_query_tokens, cfg.feature_dim).normal_(0, INIT_STD)
@@ -324,7 +369,7 @@ class VideoLLaMA(nn.Module):
 
     @property
     def ln_vision(self) -> nn.LayerNorm:
-        """The original ``ln_vision``; see the module docstring."""
+        """The original ``ln_vision`` (eps 1e-5, fp32), in the ``post_layernorm`` slot; see the module docstring."""
         return self.visual_encoder.post_layernorm
 
     # ---- what trains -------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The model: real-size parameter counts on the meta device, and the tiny preset end to end on CPU."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.model import TRAINABLE, ModelConfig, VideoLLaMA, preset, tiny, vit_g
+from pipeline.model import TRAINABLE, FrozenEncoder, ModelConfig, VideoLLaMA, preset, tiny, vit_g
 from pipeline.prompts import caption_sample, collate, conversation_sample, load_tokenizer
 from pipeline.tiny import write_tiny_llm
 
@@ -226,3 +227,38 @@ def test_the_random_tiny_encoder_is_not_degenerate():
     assert spread > 0.05, spread
     # what the frame shows reaches the features: two different frames, different features
     assert (feats[0, 0] - feats[1, 0]).abs().mean().item() > 1e-3
+
+
+def test_vit_precision_is_the_originals():
+    """convert_weights_to_fp16: Linear/Conv weights fp16; LayerNorms, embeddings and ln_vision fp32,
+    ln_vision with torch's default eps 1e-5; every op runs in its weights' dtype (CPU, no autocast)."""
+    cfg = dataclasses.replace(tiny(), vision_dtype="float16")
+    vit = FrozenEncoder(cfg).visual_encoder
+    dtypes = {n: p.dtype for n, p in vit.named_parameters()}
+    linear = {n for n, m in vit.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    for name, dtype in dtypes.items():
+        owner = name.rpartition(".")[0]
+        assert dtype == (torch.float16 if owner in linear else torch.float32), name
+    assert {dtypes["embeddings.class_embedding"], dtypes["embeddings.position_embedding"]} == {torch.float32}
+    ln = vit.post_layernorm
+    assert ln.eps == 1e-5 and ln.weight.dtype == torch.float32
+    assert all(m.eps == 1e-6 for n, m in vit.encoder.named_modules() if isinstance(m, torch.nn.LayerNorm))
+
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, (a[0].dtype, out.dtype)))
+        for n, m in vit.named_modules()
+        if n in ("encoder.layers.0.layer_norm1", "encoder.layers.0.mlp.fc1", "post_layernorm")
+    ]
+    out = vit(pixel_values=x).last_hidden_state
+    for h in hooks:
+        h.remove()
+    # the residual stream is fp32 (fp16 Linear outputs promote when added), Linears compute in fp16
+    assert seen["encoder.layers.0.layer_norm1"] == (torch.float32, torch.float32)
+    assert seen["encoder.layers.0.mlp.fc1"] == (torch.float16, torch.float16)
+    assert seen["post_layernorm"] == (torch.float32, torch.float32) and out.dtype == torch.float32
+    # the same weights in fp32 everywhere: the fp16 Linears move the tokens by fp16 rounding only
+    ref = FrozenEncoder(tiny()).visual_encoder
+    ref.load_state_dict(vit.state_dict())
+    torch.testing.assert_close(out, ref(pixel_values=x).last_hidden_state, atol=2e-2, rtol=0)

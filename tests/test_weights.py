@@ -258,7 +258,7 @@ def test_lavis_files_load_and_match_the_eva_forward(tmp_path):
         (cfg.vision_width,),
         blip2["ln_vision.weight"],
         blip2["ln_vision.bias"],
-        1e-6,
+        1e-5,  # the original's ln_vision is a torch LayerNorm with its default eps (the ViT's are 1e-6)
     )
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     qf = model.qformer.encoder.layer[0]
