@@ -22,6 +22,9 @@ class FeatureCacheConfig(WeightPaths):
     model: str = "vit-g-7b"  # a pipeline.model preset: its encoder sizes (the LLM part is not built)
     seed: int = 0  # random encoder weights when no path is given (tests, demo)
     keep_frames: bool = True  # store frames beside the features, or features only
+    # with views > 1: each view also gets the original's random resized crop (pipeline.augment) before the
+    # encoder, so the cache keeps the spatial augmentation too (stored frames stay uncropped)
+    crop_views: bool = True
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 8  # clips per encoder forward
     concurrency: int = 1  # encoder actors

@@ -10,6 +10,7 @@ can refuse features from another encoder.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,11 +56,27 @@ class ShardEncoder:
             out = self.encoder(clip)
         return out.to(self.dtype).cpu().numpy()
 
+    def view_frames(self, sample: dict[str, Any]) -> np.ndarray:
+        """The frames the encoder sees: with views > 1 (and ``crop_views``), each view cropped by the
+        original's random resized crop, seeded by (seed, row, view) so a rerun writes the same bytes."""
+        frames = sample["frames"]
+        if self.cfg.views == 1 or not self.cfg.features.crop_views:
+            return frames
+        from pipeline.augment import random_resized_crop
+
+        row = zlib.crc32(str(sample["key"]).encode())  # keys are row numbers; any string works
+        return np.stack(
+            [
+                random_resized_crop(v, np.random.default_rng([self.cfg.seed, 5, row, k]), self.cfg.size)
+                for k, v in enumerate(frames)
+            ]
+        )
+
     def encode_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Staged samples -> samples with ``features`` (and frames unless ``keep_frames`` is off)."""
         cfg, fc = self.cfg, self.cfg.features
         for batch in _batches(samples, fc.batch_size):
-            frames = np.stack([s["frames"] for s in batch])
+            frames = np.stack([self.view_frames(s) for s in batch])
             views = frames.shape[1] if cfg.views > 1 else None
             if views:  # [N, K, T, ...] -> [N*K, T, ...] and back
                 frames = frames.reshape(-1, *frames.shape[2:])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
+from pipeline.augment import random_resized_crop
 from pipeline.config import ConfigError, load_config
 from pipeline.model import FrozenEncoder, VideoLLaMA, clip_from_frames, tiny
 from pipeline.shards import list_shards, read_shard
@@ -57,6 +60,28 @@ def test_views_and_features_only_arrow(ray_local, corpus, tmp_path):
         assert len(views) == 3 and all(len(v) == 8 for v in views)
         assert len({tuple(v) for v in views}) > 1, "views are independent headtail draws"
         assert not np.array_equal(s["features"][0], s["features"][1]) or views[0] == views[1]
+
+
+def test_each_view_is_encoded_under_its_own_crop(ray_local, corpus, tmp_path):
+    """--views K with the cache: view k of row r is encoded after the original's random resized crop
+    drawn from (seed, 5, crc32(key), k); the stored frames stay uncropped."""
+    summary = run(cache_cfg(corpus, tmp_path / "out", sampling="headtail", views=2, seed=7))
+    encoder = FrozenEncoder(tiny(), seed=0)
+    samples = [s for p in list_shards(tmp_path / "out") for s in read_shard(p)]
+    assert len(samples) == summary["ok"] > 0
+    for s in samples:
+        row = zlib.crc32(s["key"].encode())
+        crops = np.stack(
+            [
+                random_resized_crop(v, np.random.default_rng([7, 5, row, k]), 56)
+                for k, v in enumerate(s["frames"])
+            ]
+        )
+        direct = encoder(clip_from_frames(crops)).to(torch.float16).numpy()
+        np.testing.assert_allclose(s["features"].astype(np.float32), direct.astype(np.float32), atol=2e-3)
+        uncropped = encoder(clip_from_frames(s["frames"])).numpy()
+        # and they are not the uncropped views' features at the same tolerance
+        assert np.abs(uncropped - s["features"].astype(np.float32)).max() > 2e-3
 
 
 def test_cached_features_train_path_matches_frames_path(corpus, tmp_path):

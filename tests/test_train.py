@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from pipeline import checkpoint
+from pipeline.augment import random_resized_crop
 from pipeline.config import ConfigError, load_config
 from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint, tiny
 from pipeline.prompts import prepare_tokenizer
-from pipeline.shards import ShardWriter, inspect_shards, read_shard
+from pipeline.shards import ShardWriter, inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.conftest import build_corpus
@@ -165,7 +166,7 @@ def test_first_deepspeed_run_says_it_compiles(tmp_path, monkeypatch):
     assert comm_op_build_pending() is None
 
 
-def _stream(datasets, cursors=None, offset=0, rank=0):
+def _stream(datasets, cursors=None, offset=0, rank=0, world_size=2, workers=2):
     tok = tiny_tokenizer()
     prepare_tokenizer(tok)
     return TrainStream(
@@ -176,12 +177,26 @@ def _stream(datasets, cursors=None, offset=0, rank=0):
         micro_batch=2,
         max_caption_tokens=32,
         rank=rank,
-        world_size=2,
-        workers=2,
+        world_size=world_size,
+        workers=workers,
         seed=3,
         cursors=cursors,
         offset=offset,
+        random_crop=True,  # the crops must come back identical after a restart too
     )
+
+
+def test_stream_crops_each_clip_with_the_originals_crop(shards):
+    """Every row is its stored clip under one random resized crop drawn from (seed, slot, batch, row)."""
+    stored = [s["frames"] for p in list_shards(shards) for s in read_shard(p)]
+    batches = list(
+        _take(make_loader(_stream([(shard_counts(shards), 1.0)], world_size=1, workers=1), 0, 2), 3)
+    )
+    for n, b in enumerate(batches):
+        for row, got in enumerate(b["frames"].numpy()):
+            crop = [random_resized_crop(f, np.random.default_rng([3, 4, 0, n, row]), 56) for f in stored]
+            assert sum(np.array_equal(got, c) for c in crop) == 1
+            assert not any(np.array_equal(got, f) for f in stored)
 
 
 @pytest.mark.parametrize("stop", [3, 4])
@@ -313,7 +328,13 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
 
 def test_cached_features_from_arrow_shards_train_like_frames(shards, tmp_path):
     feats = write_feature_shards(shards, tmp_path / "feats")
-    common = ["max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0"]
+    common = [
+        "max_steps=3",
+        "save_every=100",
+        "tracking=false",
+        "optim.warmup_steps=0",
+        "data.random_crop=false",
+    ]
     run_train(1, f"data.shards={feats}", f"run_dir={tmp_path / 'f'}", *common)
     run_train(1, f"data.shards={shards}", f"run_dir={tmp_path / 'v'}", *common)
     f, v = losses(tmp_path / "f"), losses(tmp_path / "v")

@@ -28,6 +28,10 @@ class DataConfig:
     shards: str | None = None
     datasets: list[DatasetSpec] = field(default_factory=list)
     input: Literal["auto", "frames", "features"] = "auto"  # auto: cached features when the shards hold them
+    # frames only: the original's RandomResizedCropVideo(224, scale 0.5-1, bicubic), one crop per clip per
+    # visit, seeded by the sample's place in the stream (exact resume); cached features carry the crops of
+    # their views instead (preprocess --views K with --cache-features)
+    random_crop: bool = True
     num_frames: int = 8  # the shards must hold exactly this many frames per clip (per dataset: its own key)
     # caption: stage 1, ``[BOS] <video> caption``; conversation: stage 2, the chat template (caption-only
     # samples, e.g. cc_sbu_align, take the original's prompt_wrap form with a seeded instruction)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.augment import random_resized_crop
 from pipeline.config import ConfigError
 from pipeline.model import ModelConfig
 from pipeline.prompts import (
@@ -183,10 +184,12 @@ class TrainStream(IterableDataset):
         template: str | None = None,
         max_len: int = 512,
         label_mask: str = "original",
+        random_crop: bool = False,
     ):
         self.datasets, self.kind, self.tokenizer, self.mcfg = datasets, kind, tokenizer, mcfg
         self.micro_batch, self.max_caption_tokens = micro_batch, max_caption_tokens
         self.task, self.template, self.max_len, self.label_mask = task, template, max_len, label_mask
+        self.random_crop = random_crop and kind == "frames"
         if task == "conversation" and template is None:
             raise ConfigError("data.template: conversation training needs 'vicuna' or 'llama2'")
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
@@ -267,6 +270,10 @@ class TrainStream(IterableDataset):
             return "error"
         view = self._view(x, slot, batch, row)
         x = x if view is None else x[view]
+        if self.random_crop:  # drawn from the sample's place in the stream: the same after a restart
+            x = random_resized_crop(
+                x, np.random.default_rng([self.seed, 4, slot, batch, row]), self.mcfg.image_size
+            )
         text = self._text(sample, x, view, slot, batch, row)
         return text if isinstance(text, str) else (text, x)
 

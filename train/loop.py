@@ -221,6 +221,7 @@ def make_stream(cfg: TrainConfig, mcfg, datasets: Datasets, kind: str, tokenizer
         template=cfg.data.template,
         max_len=cfg.data.max_len,
         label_mask=cfg.data.label_mask,
+        random_crop=cfg.data.random_crop,
         rank=info.rank,
         world_size=info.world_size,
         workers=cfg.data.workers,
