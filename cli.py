@@ -10,7 +10,7 @@ python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vic
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
 python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
-python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy acc.json]
+python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy tables.json ...]
 """
 
 from __future__ import annotations
@@ -395,7 +395,11 @@ def evaluate(checkpoint, shards, overrides, **flags) -> None:
 @click.option(
     "--captions", required=True, help="JSONL of generated captions (caption-shards or --predictions)"
 )
-@click.option("--accuracy", help='JSON tables {"table": {"row": {"column": fraction}}} (accuracy, ablations)')
+@click.option(
+    "--accuracy",
+    multiple=True,
+    help='JSON tables {"table": {"row": {"column": fraction}}}, e.g. grounded-eval\'s tables.json (repeatable)',
+)
 @click.option("--output", help="folder for report.html and report.png [RUN_DIR/report]")
 @click.option("--title", help="page title")
 @click.option("--max-clips", type=int, help="clips on the contact sheet [16]")
@@ -405,12 +409,13 @@ def report(run_dir, shards, overrides, **flags) -> None:
     """HTML + PNG report of a run: contact sheet of SHARDS' clips (reference vs generated), tables, loss."""
     from infer.report import ReportConfig, run
 
+    flags["accuracy"] = list(flags["accuracy"]) or None
     values = {"run": run_dir, "shards": shards, **{k: v for k, v in flags.items() if v is not None}}
     try:
         paths = run(load_config(ReportConfig, None, list(overrides), values=values))
     except ConfigError as e:
         _fail(e)
-    click.echo(f"report: {paths['html']}\n        {paths['png']}  ({paths['clips']} clips)")
+    click.echo(f"{paths['text']}\nreport: {paths['html']}\n        {paths['png']}  ({paths['clips']} clips)")
 
 
 @main.command("grounded-eval")
@@ -418,18 +423,24 @@ def report(run_dir, shards, overrides, **flags) -> None:
 @click.argument("shards")
 @click.option("--output", help="folder for grounded_eval.json and grounded_captions.jsonl")
 @click.option("--no-ablations", is_flag=True, help="skip the shuffled-features and reversed-frames runs")
+@click.option(
+    "--questions",
+    type=click.Choice(["vicuna", "llama2"]),
+    help="stage 2: ask each grounded question in this template; accuracy per question",
+)
 @click.option("--device", help="cpu, cuda [auto]")
 @click.argument("overrides", nargs=-1)
-def grounded_eval(checkpoint, shards, output, no_ablations, device, overrides) -> None:
+def grounded_eval(checkpoint, shards, output, no_ablations, questions, device, overrides) -> None:
     """Per-factor accuracy (colour, shape, direction) of greedy captions on grounded held-out SHARDS
     (cached features), seen vs novel triples, and the shuffled-features / reversed-frames ablations."""
-    from infer.grounded import GroundedEvalConfig, format_report, run
+    from infer.grounded import GroundedEvalConfig, format_questions, format_report, run
 
     values = {
         "model.checkpoint": checkpoint,
         "shards": shards,
         "output": output,
         "ablations": not no_ablations,
+        "questions": questions,
     }
     if device:
         values["model.device"] = device
@@ -438,7 +449,7 @@ def grounded_eval(checkpoint, shards, output, no_ablations, device, overrides) -
         report = run(cfg)
     except _infer_errors() as e:
         _fail(e)
-    click.echo(format_report(report))
+    click.echo(format_questions(report) if questions else format_report(report))
 
 
 if __name__ == "__main__":

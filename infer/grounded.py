@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,8 +33,11 @@ from infer.load import ModelSource, load
 from pipeline import grounded
 from pipeline.config import ConfigError
 from pipeline.evaluation import iter_samples
-from pipeline.generate import GenerationConfig, caption_prompt, generate_batched
+from pipeline.generate import GenerationConfig, PromptSpec, caption_prompt, generate_batched
 from pipeline.shards import first_view
+
+EVAL_FILES = ("grounded_eval.json", "grounded_captions.jsonl", "grounded_tables.json")
+QA_FILES = ("grounded_qa.json", "grounded_answers.jsonl", "grounded_qa_tables.json")  # --questions
 
 
 @dataclass
@@ -46,6 +49,8 @@ class GroundedEvalConfig:
     seed: int = 0  # of the shuffle
     batch_size: int = 32
     max_new_tokens: int = 20
+    # stage 2: ask every question of pipeline.grounded.QUESTIONS in this template instead of captioning
+    questions: Literal["vicuna", "llama2"] | None = None
 
     def validate(self) -> None:
         if not self.shards:
@@ -66,7 +71,7 @@ def captions(loaded, features: torch.Tensor, cfg: GroundedEvalConfig) -> list[st
 def evaluate(loaded, samples: list[dict[str, Any]], cfg: GroundedEvalConfig) -> tuple[dict, list[dict]]:
     """The report and the per-clip records (reference, caption, and the ablations' captions)."""
     refs = [s["caption"] for s in samples]
-    feats = torch.from_numpy(np.stack([first_view(s["features"], "features") for s in samples])).float()
+    feats = _features(samples)
     preds = captions(loaded, feats, cfg)
     report: dict[str, Any] = {"clips": len(samples), "heldout": grounded.by_combination(refs, preds)}
     records = [
@@ -91,24 +96,76 @@ def evaluate(loaded, samples: list[dict[str, Any]], cfg: GroundedEvalConfig) -> 
     return report, records
 
 
+@torch.no_grad()
+def answers(
+    loaded, features: torch.Tensor, stamps: list, question: str, cfg: GroundedEvalConfig
+) -> list[str]:
+    """Greedy answers to one question about each clip, asked first in a fresh conversation (as ``chat``)."""
+    gen = GenerationConfig(
+        template=cfg.questions, do_sample=False, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
+    spec = PromptSpec(cfg.questions, question)
+    n = loaded.model.cfg.num_video_query_tokens
+    prompts = [spec.build(loaded.tokenizer, n, t) for t in stamps]
+    return generate_batched(loaded.model, loaded.tokenizer, features.to(loaded.device), prompts, gen)
+
+
+def answer_accuracy(kind: str, references: list[str], predictions: list[str]) -> float:
+    """A factor question is answered right when the answer names the clip's value of that factor; the
+    describe question ("caption") when it names all three."""
+    return grounded.accuracy(references, predictions)["all" if kind == "caption" else kind]
+
+
+def evaluate_questions(loaded, samples: list[dict[str, Any]], cfg: GroundedEvalConfig) -> tuple[dict, list]:
+    """Stage 2: accuracy per question kind over all / seen / novel clips, and with shuffled features."""
+    refs = [s["caption"] for s in samples]
+    feats = _features(samples)
+    stamps = [s["meta"].get("timestamps") for s in samples]
+    perm = grounded.derangement(len(samples), cfg.seed)
+    novel = [grounded.is_novel(r) for r in refs]
+    report: dict[str, Any] = {"clips": len(samples), "template": cfg.questions, "questions": {}}
+    records = [{"key": s["key"], "reference": r} for s, r in zip(samples, refs, strict=True)]
+    for kind, question in grounded.QUESTIONS.items():
+        got = answers(loaded, feats, stamps, question, cfg)
+        acc = {"all": answer_accuracy(kind, refs, got)}
+        for name, keep in (("seen", False), ("novel", True)):
+            idx = [i for i, v in enumerate(novel) if v == keep]
+            acc[name] = answer_accuracy(kind, [refs[i] for i in idx], [got[i] for i in idx]) if idx else None
+        if cfg.ablations:
+            shuffled = answers(loaded, feats[perm], [stamps[j] for j in perm], question, cfg)
+            acc["shuffled"] = answer_accuracy(kind, refs, shuffled)
+            acc["shuffled_chance"] = answer_accuracy(kind, refs, [refs[j] for j in perm])
+        report["questions"][kind] = {"question": question, **acc}
+        for rec, a in zip(records, got, strict=True):
+            rec[kind] = a
+    return report, records
+
+
+def _features(samples: list[dict[str, Any]]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([first_view(s["features"], "features") for s in samples])).float()
+
+
 def run(cfg: GroundedEvalConfig) -> dict[str, Any]:
     cfg.validate()
     samples = list(iter_samples(cfg.shards, "features"))
     if not samples:
         raise ConfigError(f"shards: {cfg.shards!r} hold no samples with cached features and a caption")
     loaded = load(cfg.model)
-    report, records = evaluate(loaded, samples, cfg)
+    report, records = (evaluate_questions if cfg.questions else evaluate)(loaded, samples, cfg)
     if cfg.output:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "grounded_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "grounded_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (out / "grounded_tables.json").write_text(json.dumps(tables(report), indent=2) + "\n")
+        names = QA_FILES if cfg.questions else EVAL_FILES
+        (out / names[0]).write_text(json.dumps(report, indent=2) + "\n")
+        (out / names[1]).write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / names[2]).write_text(json.dumps(tables(report), indent=2) + "\n")
     return report
 
 
 def tables(r: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """The report as ``cli.py report --accuracy`` tables: {table: {row: {column: fraction}}}."""
+    if "questions" in r:
+        return {f"stage 2 answers ({r['template']})": question_rows(r)}
     cols = ("colour", "shape", "direction", "all")
     acc = {
         f"{k} triples" if k != "all" else "all clips": {c: a[c] for c in cols}
@@ -127,6 +184,27 @@ def tables(r: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
             },
         }
     return out
+
+
+def question_rows(r: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per question: held-out accuracy (all, seen, novel triples), and with shuffled features vs chance."""
+    names = {"all": "all clips", "seen": "seen triples", "novel": "novel triples"}
+    names.update(shuffled="features shuffled", shuffled_chance="chance (shuffled)")
+    return {
+        a["question"]: {name: a[k] for k, name in names.items() if a.get(k) is not None}
+        for a in r["questions"].values()
+    }
+
+
+def format_questions(r: dict[str, Any]) -> str:
+    """One line per question: held-out answer accuracy (all / seen / novel) and with shuffled features."""
+    pct = lambda x: "  -  " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+    head = f"stage 2 ({r['template']}), {r['clips']} held-out clips, answer accuracy:"
+    lines = [f"{head:<58}all   seen  novel  features shuffled"]
+    for a in r["questions"].values():
+        shuffled = f"  {pct(a['shuffled'])} (chance {pct(a['shuffled_chance'])})" if "shuffled" in a else ""
+        lines.append(f"  {a['question']:<52} {pct(a['all'])} {pct(a['seen'])} {pct(a['novel'])}{shuffled}")
+    return "\n".join(lines)
 
 
 def format_report(r: dict[str, Any]) -> str:

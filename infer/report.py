@@ -1,6 +1,6 @@
 """A run report a person would rather look at than read: one self-contained HTML page and one PNG.
 
-    python cli.py report runs/stage1 HELDOUT_SHARDS --captions captions.jsonl [--accuracy acc.json]
+    python cli.py report runs/stage1 HELDOUT_SHARDS --captions captions.jsonl [--accuracy tables.json ...]
 
 What it shows, from files the other commands already write:
 
@@ -44,7 +44,9 @@ class ReportConfig:
     run: str = ""  # training run directory: metrics.jsonl in, report/ out, its MLflow run
     shards: str = ""  # the (held-out) shard set the captions were made from
     captions: str = ""  # JSONL with key + caption (caption-shards) or prediction (evaluate)
-    accuracy: str | None = None  # JSON tables {"table": {"row": {"column": fraction}}}
+    accuracy: list[str] = field(
+        default_factory=list
+    )  # JSON files of tables {"table": {"row": {"column": x}}}
     output: str | None = None  # default: RUN/report
     title: str = "Video-LLaMA run report"
     max_clips: int = 16
@@ -272,6 +274,36 @@ def render_png(report: Report, width: int = 1200) -> Image.Image:
     return canvas
 
 
+# ---- text -------------------------------------------------------------------------------------
+
+
+def render_text(report: Report, clips: int = 4) -> str:
+    """The report for a terminal: the tables, then the first ``clips`` clips' reference vs generated."""
+    lines = []
+    for name, rows in report.tables.items():
+        cols = _columns(rows)
+        width, cw = max(len(r) for r in rows) + 2, max(10, *(len(c) + 2 for c in cols))
+        lines.append(f"{name}:")
+        lines.append(" " * width + "".join(f"{c:>{cw}}" for c in cols))
+        lines += [
+            f"  {r:<{width - 2}}" + "".join(f"{_percent(v[c]) if c in v else '':>{cw}}" for c in cols)
+            for r, v in rows.items()
+        ]
+    if report.losses:
+        (s0, l0), (s1, l1) = report.losses[0], report.losses[-1]
+        lines.append(f"training loss: {l0:.3f} at step {s0} -> {l1:.3f} at step {s1}")
+    matched = sum(c.match for c in report.clips)
+    lines.append(
+        f"clips: {matched}/{len(report.clips)} generated captions equal the reference; the first {clips}:"
+    )
+    for c in report.clips[:clips]:
+        lines.append(f"  {c.videoid}: reference {c.reference!r}")
+        lines.append(
+            f"  {' ' * len(c.videoid)}  generated {c.prediction!r}{'' if c.match else '  (differs)'}"
+        )
+    return "\n".join(lines)
+
+
 # ---- entry points -------------------------------------------------------------------------------
 
 
@@ -295,19 +327,26 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / HTML_FILE).write_text(render_html(report))
     render_png(report).save(out / PNG_FILE)
-    return {"html": str(out / HTML_FILE), "png": str(out / PNG_FILE), "clips": str(len(rows))}
+    return {
+        "html": str(out / HTML_FILE),
+        "png": str(out / PNG_FILE),
+        "clips": str(len(rows)),
+        "text": render_text(report),
+    }
 
 
-def _read_tables(path: str | None) -> Tables:
-    if not path:
-        return {}
-    try:
-        tables = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"accuracy: cannot read {path!r}: {e}") from None
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise ConfigError(f"accuracy: {path!r} must hold {{table: {{row: {{column: fraction}}}}}}")
-    return tables
+def read_tables(paths: list[str]) -> Tables:
+    """The tables of every file, in order (``grounded-eval --output DIR`` writes ``DIR/tables.json``)."""
+    out: Tables = {}
+    for path in paths:
+        try:
+            tables = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"accuracy: cannot read {path!r}: {e}") from None
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise ConfigError(f"accuracy: {path!r} must hold {{table: {{row: {{column: fraction}}}}}}")
+        out.update(tables)
+    return out
 
 
 def run(cfg: ReportConfig) -> dict[str, str]:
@@ -322,7 +361,7 @@ def run(cfg: ReportConfig) -> dict[str, str]:
         cfg.shards,
         cfg.captions,
         run_dir / METRICS,
-        _read_tables(cfg.accuracy),
+        read_tables(cfg.accuracy),
         title=cfg.title,
         max_clips=cfg.max_clips,
         frames_per_clip=cfg.frames_per_clip,

@@ -46,6 +46,23 @@ def caption(colour: str, shape: str, direction: str) -> str:
     return f"a {colour} {shape} moves {direction}"
 
 
+def answer(kind: str, colour: str, shape: str, direction: str) -> str:
+    """The answer to ``QUESTIONS[kind]`` about a clip: the factor's word, or the caption ("caption")."""
+    if kind == "caption":
+        return caption(colour, shape, direction)
+    return {"colour": colour, "shape": shape, "direction": direction}[kind]
+
+
+def question_answers(colour: str, shape: str, direction: str, rng) -> list[dict[str, str]]:
+    """A VideoChat ``QA`` list about one clip: every question once, in a random order (so each kind is
+    also asked first, where inference asks it)."""
+    kinds = list(QUESTIONS)
+    return [
+        {"q": QUESTIONS[kinds[i]], "a": answer(kinds[i], colour, shape, direction)}
+        for i in rng.permutation(len(kinds))
+    ]
+
+
 def combinations() -> list[tuple[str, str, str]]:
     """All colour x shape x direction triples, in a fixed order."""
     return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]

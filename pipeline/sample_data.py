@@ -437,4 +437,29 @@ def make_grounded_sample(
                     w, root / "videos" / clips[0].page_dir, f"{clips[0].videoid}.mp4", ("", "", "", "")
                 )
         paths[split] = str(ann)
+        faulty = clips[0].page_dir if faults and split == "train" and clips else None
+        paths[f"{split}_videochat"] = write_videochat(root / split / VIDEOCHAT_FILE, clips, seed, faulty)
     return paths
+
+
+VIDEOCHAT_FILE = "videochat.json"  # per split, beside annotations/: the stage-2 conversations
+
+
+def write_videochat(path: Path, clips: list[GroundedClip], seed: int, faulty_page: str | None = None) -> str:
+    """The split's clips as a VideoChat-11K JSON (``[{video, QA: [{q, a}]}]``, videos relative to the
+    corpus's ``videos/``): every question of ``grounded.QUESTIONS`` about each clip, answered from its
+    factors. ``faulty_page``: also the three faulty rows' videos (missing, empty, truncated), which
+    ``preprocess --dataset videochat`` reports as failed rows."""
+    rng = np.random.default_rng([seed, 2])
+    records = [
+        {
+            "video": f"{c.page_dir}/{c.videoid}.mp4",
+            "QA": grounded.question_answers(c.colour, c.shape, c.direction, rng),
+        }
+        for c in clips
+    ]
+    if faulty_page is not None:
+        qa = [{"q": grounded.QUESTIONS["caption"], "a": "faulty row"}]
+        records += [{"video": f"{faulty_page}/{vid}.mp4", "QA": qa} for vid in FAULTY_IDS]
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return str(path)

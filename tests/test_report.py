@@ -55,7 +55,14 @@ def inputs(tmp_path):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
     tables = {"held-out accuracy": {"captions": {"colour": 0.98, "shape": 0.8}, "shuffled": {"colour": 0.2}}}
     (tmp_path / "acc.json").write_text(json.dumps(tables))
-    return {"shards": shards, "captions": captions, "run": run_dir, "accuracy": tmp_path / "acc.json"}
+    (tmp_path / "more.json").write_text(json.dumps({"stage 2": {"What colour?": {"held-out": 0.875}}}))
+    return {
+        "shards": shards,
+        "captions": captions,
+        "run": run_dir,
+        "accuracy": tmp_path / "acc.json",
+        "more": tmp_path / "more.json",
+    }
 
 
 def _images(page: str) -> list[Image.Image]:
@@ -70,7 +77,7 @@ def test_report_html_and_png_hold_every_clip_table_and_the_loss_curve(inputs):
         run=str(inputs["run"]),
         shards=str(inputs["shards"]),
         captions=str(inputs["captions"]),
-        accuracy=str(inputs["accuracy"]),
+        accuracy=[str(inputs["accuracy"]), str(inputs["more"])],
         frames_per_clip=4,
     )
     paths = run(cfg)
@@ -87,6 +94,13 @@ def test_report_html_and_png_hold_every_clip_table_and_the_loss_curve(inputs):
     assert page.count("&#10003;") == 3 and page.count("&#10007;") == 2
     assert "a &lt;b&gt;bold&lt;/b&gt; &amp; wrong caption" in page and "<b>bold" not in page
     assert "98.0 %" in page and "80.0 %" in page and "20.0 %" in page and "shuffled" in page
+    assert "<h2>stage 2</h2>" in page and "87.5 %" in page  # the second tables file
+
+    text = paths["text"].splitlines()
+    assert text[0] == "held-out accuracy:" and "98.0 %" in text[2] and "87.5 %" in text[6]
+    assert "training loss: 5.000 at step 1 -> 0.200 at step 20" in text
+    assert "clips: 3/5 generated captions equal the reference; the first 4:" in text
+    assert text[-1].strip() == "generated 'a <b>bold</b> & wrong caption'  (differs)"
 
     png = np.asarray(Image.open(paths["png"]).convert("RGB"))
     for colour in COLOURS:
@@ -120,6 +134,7 @@ def test_cli_report_prints_both_paths(inputs):
     result = CliRunner().invoke(cli.main, [*args, "--no-track"])
     assert result.exit_code == 0, result.output
     assert "report.html" in result.output and "report.png" in result.output and "(5 clips)" in result.output
+    assert "clips: 3/5 generated captions equal the reference" in result.output
     assert not (inputs["run"] / "mlflow.db").exists()
     bad = CliRunner().invoke(cli.main, [*args[:3], "--captions", "nope.jsonl"])
     assert bad.exit_code == 1 and "captions: 'nope.jsonl' does not exist" in bad.output

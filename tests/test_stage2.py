@@ -354,7 +354,7 @@ def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
     # the loop must undo (train.engine.set_master_weights) for stage 2 to start from the export exactly
     args = [f"init_from={stage1 / 'export'}", f"data.datasets=[{mix}]", f"run_dir={stage2}", "max_steps=6"]
     args.append("data.label_mask=answers")  # skips the too-long question (the original's mask keeps it)
-    args.append("precision=bf16")
+    args += ["precision=bf16", "model.llm_path=null", "micro_batch=2"]  # stage 1's LLM: the built-in one
     cfg = load_config(TrainConfig, STAGE2_TINY, args)
     # step 0 = build_model + the optimizer's fp32 master copy: both hold the stage-1 export, exactly
     model = build_model(cfg, cfg.model)

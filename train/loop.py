@@ -7,7 +7,7 @@ CPU (tests, demo)::
 
     python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny
     torchrun --nproc_per_node=2 cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS
-    python cli.py train --config configs/stage2_tiny.yaml init_from=runs/tiny/export
+    python cli.py train --config configs/stage2_tiny.yaml init_from=demo_out/run/export
 
 One node, 8 GPUs::
 
