@@ -415,7 +415,7 @@ def report(run_dir, shards, overrides, **flags) -> None:
         paths = run(load_config(ReportConfig, None, list(overrides), values=values))
     except ConfigError as e:
         _fail(e)
-    click.echo(f"{paths['text']}\nreport: {paths['html']}\n        {paths['png']}  ({paths['clips']} clips)")
+    click.echo(f"{paths['text']}\nreport: {paths['html']}\nreport: {paths['png']}  ({paths['clips']} clips)")
 
 
 @main.command("grounded-eval")

@@ -56,8 +56,8 @@ step report $PY cli.py report "$DEMO/run" "$DEMO/heldout_shards" --captions "$DE
 echo
 echo "================ result: $(($(date +%s) - T0)) s from an empty $DEMO/ ================"
 grep -E '^\[preprocess\].*(ok|failed)' "$DEMO/logs/preprocess-train.log" | tail -1 || true
-grep -v '^report:\|^        ' "$DEMO/logs/report.log"
+grep -v '^report: ' "$DEMO/logs/report.log"
 echo "chat about held-out clip $CLIP ($(echo "$ROW" | cut -d, -f5), a $(echo "$ROW" | cut -d, -f9) triple):"
 paste -d' ' <(sed 's/^/  USER: /' "$DEMO/logs/questions.txt") <(grep '^ASSISTANT:' "$DEMO/logs/chat.log")
-grep '^report:\|^        ' "$DEMO/logs/report.log"
+grep '^report: ' "$DEMO/logs/report.log"
 echo "MLflow: mlflow ui --backend-store-uri sqlite:///$DEMO/run/mlflow.db"
