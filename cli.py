@@ -5,6 +5,7 @@ python cli.py tiny-llm --annotations A --output LLM   (then model.llm_path=LLM)
 python cli.py preprocess --annotations A --videos V --output OUT [--format arrow] [key=value ...]
 python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
+python cli.py plan --config configs/stage1_vit-g_7b.yaml --gpus 8 --gpu-memory 80
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
@@ -200,6 +201,31 @@ def train(config_path, overrides) -> None:
             f"{summary['samples_seen']} samples from {summary['input']}\n"
             f"  export: {run_dir}/export   checkpoints: {run_dir}/checkpoints   metrics: {run_dir}/metrics.jsonl"
         )
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="training YAML")
+@click.option("--gpus", default=8, show_default=True, help="data-parallel GPUs (ZeRO-2 partitions over them)")
+@click.option("--gpu-memory", default=80.0, show_default=True, help="GB per GPU")
+@click.option("--input", "input_kind", type=click.Choice(["features", "frames"]), help="[the config's]")
+@click.argument("overrides", nargs=-1)
+def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
+    """Per-GPU memory of a training config under ZeRO-2 and the largest micro-batch that fits.
+
+    Counted from the sizes (nothing is built or loaded); the model is in pipeline/plan.py."""
+    from pipeline.plan import format_plan, plan_for_config
+    from train.config import TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, config_path, list(overrides))
+    except ConfigError as e:
+        _fail(e)
+    if gpus < 1 or gpu_memory <= 0:
+        _fail(ConfigError("--gpus must be >= 1 and --gpu-memory > 0"))
+    result = plan_for_config(cfg, gpus, on_gpu=True, input=input_kind)
+    checkpointing = cfg.model_config().llm_gradient_checkpointing
+    click.echo(f"{config_path} (micro_batch {cfg.micro_batch})")
+    click.echo(format_plan(result, gpu_memory, cfg.micro_batch, checkpointing))
 
 
 # ---- inference and evaluation (infer/) ---------------------------------------------------------------

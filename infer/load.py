@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from pipeline.config import ConfigError, WeightPaths, load_config
-from pipeline.model import ModelConfig, VideoLLaMA, preset
+from pipeline.model import ModelConfig, VideoLLaMA, preset, vision_for_device
 from pipeline.prompts import build_tokenizer
 from pipeline.rundir import CHECKPOINTS, COMPLETE, CONFIG, EXPORT, METRICS, MODEL_CONFIG, TRAINABLE_WEIGHTS
 from pipeline.weights import WeightsError
@@ -187,6 +187,7 @@ def load(src: ModelSource, resolved: Resolved | None = None) -> Loaded:
         load_frozen_encoder(model)
     load_trainable_weights(model, r.weights)
     device = pick_device(src.device)
+    vision_for_device(model, device)
     model.to(device).eval()
     tokenizer = build_tokenizer(src.tokenizer or r.run_config.get("tokenizer") or r.mcfg.llm_path)
     return Loaded(model, tokenizer, device, r)

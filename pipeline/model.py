@@ -25,6 +25,7 @@ autocast). Casting the whole ViT to fp16 instead moves the features measurably
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -237,20 +238,24 @@ def video_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
     )
 
 
+def llama_config(cfg: ModelConfig) -> LlamaConfig:
+    """The Llama of the llm_* sizes (a random LLM when ``llm_path`` is null)."""
+    return LlamaConfig(
+        vocab_size=cfg.llm_vocab_size,
+        hidden_size=cfg.llm_hidden_size,
+        intermediate_size=cfg.llm_intermediate_size,
+        num_hidden_layers=cfg.llm_layers,
+        num_attention_heads=cfg.llm_heads,
+    )
+
+
 def build_llm(cfg: ModelConfig) -> nn.Module:
     """The frozen LLM: loaded from ``llm_path`` (bf16 by default) or a random Llama of the llm_* sizes."""
     dtype = torch_dtype(cfg.llm_dtype)
     if cfg.llm_path:
         llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, dtype=dtype)
     else:
-        llama = LlamaConfig(
-            vocab_size=cfg.llm_vocab_size,
-            hidden_size=cfg.llm_hidden_size,
-            intermediate_size=cfg.llm_intermediate_size,
-            num_hidden_layers=cfg.llm_layers,
-            num_attention_heads=cfg.llm_heads,
-        )
-        llm = AutoModelForCausalLM.from_config(llama, dtype=dtype)
+        llm = AutoModelForCausalLM.from_config(llama_config(cfg), dtype=dtype)
     hidden = llm.config.get_text_config().hidden_size
     if hidden != cfg.llm_hidden_size:
         raise ConfigError(
@@ -274,6 +279,15 @@ def clip_from_frames(frames, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return ((x.movedim(-1, -4).float().div_(255.0) - mean) / std).to(dtype)
 
 
+def vision_for_device(parts: nn.Module, device: torch.device | str) -> None:
+    """On a CPU the frozen ViT computes in fp32: CPUs have no fast fp16 kernels (one ViT-g MLP GEMM ran at
+    under 0.1 GFLOP/s in fp16 against 7-18 in fp32 on the project's CPU), and LAVIS's ``load_model``
+    likewise calls ``model.float()`` on a CPU. Call it after any content hash: that is of the weights
+    as loaded. A no-op on a GPU or without an encoder."""
+    if torch.device(device).type == "cpu" and getattr(parts, "visual_encoder", None) is not None:
+        parts.visual_encoder.float()
+
+
 @torch.no_grad()
 def encode_frames(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
     """ViT + ln_vision + image Q-Former of ``parts`` (a VideoLLaMA or a FrozenEncoder) on a clip."""
@@ -289,12 +303,15 @@ def encode_frames(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
 class FrozenEncoder(nn.Module):
     """Only the frozen vision part, with VideoLLaMA's attribute names (so the same weight loaders apply):
     what the feature cache runs. Without weight paths it is built from ``seed``, so every Ray actor
-    holds the same random encoder."""
+    holds the same random encoder. With weight paths it is built on the meta device (no memory, no
+    random init of a 1B-parameter ViT) and ``pipeline.weights.load_frozen_encoder`` materialises it
+    once from the files; used before that, it fails loudly (meta tensors hold no data)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        with torch.random.fork_rng():
+        on_meta = bool(cfg.blip2_path or cfg.eva_vit_path)
+        with torch.random.fork_rng(), torch.device("meta") if on_meta else contextlib.nullcontext():
             torch.manual_seed(seed)
             self.visual_encoder = build_vision_encoder(cfg)
             self.qformer = Blip2QFormerModel(image_qformer_config(cfg))

@@ -268,7 +268,10 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], expected, what: st
     if report.missing:
         raise WeightsError(f"{what} lacks {len(report.missing)} tensors the model needs:\n{report}")
     usable = {k: v for k, v in sd.items() if k in expected}
-    model.load_state_dict(usable, strict=False)
+    current = model.state_dict()
+    if any(current[k].is_meta for k in usable):  # built on the meta device: the files materialise it
+        usable = {k: v.to(current[k].dtype) for k, v in usable.items()}
+    model.load_state_dict(usable, strict=False, assign=any(current[k].is_meta for k in usable))
     report.loaded = sorted(usable)
     return report
 

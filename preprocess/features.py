@@ -30,7 +30,7 @@ class ShardEncoder:
     def __init__(self, cfg: PreprocessConfig):
         import torch
 
-        from pipeline.model import FrozenEncoder
+        from pipeline.model import FrozenEncoder, vision_for_device
         from pipeline.weights import load_frozen_encoder
 
         self.cfg = cfg
@@ -42,6 +42,7 @@ class ShardEncoder:
         if model_cfg.has_encoder_weights:
             load_frozen_encoder(encoder)
         self.identity = encoder_identity(cfg, encoder.weights_fingerprint())
+        vision_for_device(encoder, self.device)
         self.encoder = encoder.to(self.device)
         self.dtype = torch.float16 if cfg.features.dtype == "float16" else torch.float32
 

@@ -1,0 +1,369 @@
+"""Real-size dress rehearsal on the CPU: the vit-g-7b preset end to end with random weights, no downloads.
+
+    python benchmarks/rehearsal.py                 # 7B LLM: needs ~20 GB of free RAM and ~30 min
+    python benchmarks/rehearsal.py --llm 1b        # the same with a 1B-shaped LLM (~6 GB)
+    make rehearsal                                 # = the first line, under flock on a shared machine
+
+Writes, once (``--cache``, default .cache/rehearsal): a LLaMA folder of the chosen shape in bf16 with a
+32,000-token tokenizer and a BLIP-2 folder with the real ViT-g + Q-Former shapes (pipeline.synthetic:
+std 0.02, not transformers' 1e-10 default that is 0 in fp16), and 2 H.264 clips. Then runs the commands
+a user runs, each as its own process, and prints seconds and peak RSS (the whole process tree) per phase:
+
+  startup-before  the frozen encoder as it was built before: random init of the 1B ViT, then the load
+  startup-after   built on the meta device and materialised once from the files
+  preprocess      ``cli.py preprocess --cache-features`` over the 2 clips at 224 px (fp16 ViT on CPU)
+  train           ``cli.py train`` (stage1_vit-g_7b.yaml), 4 ZeRO-2 steps from the features with the LLM
+                  in bf16 and fp32 trainables, checkpoints at steps 3 and 4
+  resume          the step-4 checkpoint removed, the same command resumes at step 3: step 4's loss must
+                  equal the uninterrupted run's
+  export          ``cli.py convert`` of the run's trainable export to the original's .pth layout
+  caption         ``cli.py caption RUN --greedy`` on one clip (ViT-g fp16 + the LLM on the CPU)
+
+and checks every seam it can see: the placeholder id is 32,000 beyond a 32,000-row embedding, the
+cached features are fp16 [8, 32, 768], finite and not zero, every loss is finite, the export is fp32 with
+22,104,064 parameters, the checkpoint is at most 1.1 x 16 B per trainable parameter, and the weights,
+optimizer state and checkpoint agree with ``cli.py plan`` within 10 %. Any failure exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LLM_SHAPES = {  # llm_* keys of ModelConfig
+    "7b": {},  # the preset's own sizes
+    "1b": {"llm_hidden_size": 2048, "llm_layers": 16, "llm_heads": 16, "llm_intermediate_size": 5504},
+}
+CLIPS = 2
+
+
+class Seam(AssertionError):
+    """A dtype/shape seam or a broken promise the rehearsal exists to catch."""
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise Seam(what)
+    print(f"  ok: {what}", flush=True)
+
+
+def model_config(llm: str):
+    from pipeline.model import preset
+
+    return dataclasses.replace(preset("vit-g-7b"), **LLM_SHAPES[llm])
+
+
+class TreeRSS:
+    """Peak of the summed RSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            with contextlib.suppress(psutil.Error):
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_phase(name: str, argv: list[str], results: list, log_dir: Path) -> str:
+    """Run one phase as a process, tee its output to a log; record seconds and peak tree RSS."""
+    print(f"\n== {name}: {' '.join(argv)}", flush=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log = log_dir / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        rss = TreeRSS(proc.pid)
+        rc = proc.wait()
+        peak = rss.stop()
+    seconds = time.perf_counter() - t0
+    text = log.read_text()
+    tail = "\n".join(ln for ln in text.splitlines()[-12:] if "WARNING" not in ln)
+    print(tail, flush=True)
+    results.append((name, seconds, peak))
+    print(f"-- {name}: {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+    if rc != 0:
+        raise Seam(f"phase {name} exited {rc}; see {log}")
+    return text
+
+
+# ---- phases run in their own process (python benchmarks/rehearsal.py --phase ...) ------------------
+
+
+def phase_assets(args) -> None:
+    from pipeline.sample_data import make_webvid_sample
+    from pipeline.synthetic import write_blip2, write_llama
+
+    cfg = model_config(args.llm)
+    cache = Path(args.cache)
+    for folder, write in ((llm_dir(args), write_llama), (cache / "blip2-vit-g", write_blip2)):
+        if not (folder / "DONE").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            t0 = time.perf_counter()
+            write(folder, cfg)
+            (folder / "DONE").write_text("")
+            print(f"wrote {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+    clips = Path(args.work) / "webvid"
+    if not clips.is_dir():
+        make_webvid_sample(clips, CLIPS, seed=0, seconds=(5.0, 8.0))
+
+
+def phase_startup(args, before: bool) -> None:
+    """Build the frozen encoder and load its weights; ``before``: random init first (the old way)."""
+    import torch
+
+    from pipeline.model import FrozenEncoder
+    from pipeline.weights import load_frozen_encoder
+
+    cfg = dataclasses.replace(model_config(args.llm), blip2_path=str(Path(args.cache) / "blip2-vit-g"))
+    t0 = time.perf_counter()
+    if before:
+        encoder = FrozenEncoder(dataclasses.replace(cfg, blip2_path=None))  # random init of ~1.1B params
+        t_init = time.perf_counter() - t0
+        encoder.cfg = cfg
+    else:
+        encoder = FrozenEncoder(cfg)  # meta device
+        t_init = time.perf_counter() - t0
+    load_frozen_encoder(encoder)
+    total = time.perf_counter() - t0
+    dtypes = sorted({str(p.dtype) for p in encoder.parameters()})
+    meta = sum(p.is_meta for p in encoder.parameters())
+    print(json.dumps({"construct_s": t_init, "total_s": total, "dtypes": dtypes, "meta_params": meta}))
+    if meta:
+        raise SystemExit(f"{meta} parameters still on the meta device")
+    torch.set_num_threads(1)
+
+
+# ---- the orchestrating process ----------------------------------------------------------------------
+
+
+def llm_dir(args) -> Path:
+    return Path(args.cache) / f"llama-{args.llm}-bf16"
+
+
+def train_argv(args, run_dir: Path, shards: Path) -> list[str]:
+    cfg = model_config(args.llm)
+    sizes = [f"model.{k}={getattr(cfg, k)}" for k in LLM_SHAPES[args.llm]]
+    return [
+        sys.executable,
+        "cli.py",
+        "train",
+        "--config",
+        "configs/stage1_vit-g_7b.yaml",
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        f"model.llm_path={llm_dir(args)}",
+        f"model.blip2_path={Path(args.cache) / 'blip2-vit-g'}",
+        "model.eva_vit_path=null",
+        "model.qformer_lavis_path=null",
+        *sizes,
+        f"micro_batch={CLIPS}",
+        "max_steps=4",
+        "save_every=3",
+        "data.workers=0",
+        "optim.warmup_steps=0",  # a real lr from step 1, so the steps move the loss
+        "tracking=false",
+    ]
+
+
+def check_features(shards: Path) -> None:
+    from pipeline.shards import read_shard
+
+    samples = [s for tar in sorted(shards.glob("shard-*.tar")) for s in read_shard(tar)]
+    check(len(samples) == CLIPS, f"{CLIPS} samples in the feature cache")
+    for s in samples:
+        f = s["features"]
+        check(
+            f.dtype == np.float16 and f.shape == (8, 32, 768),
+            f"features fp16 [8, 32, 768]: {f.dtype} {f.shape}",
+        )
+        x = f.astype(np.float32)
+        check(bool(np.isfinite(x).all()) and float(x.std()) > 1e-3, f"features finite, std {x.std():.3f}")
+
+
+def check_tokenizer(args) -> None:
+    from transformers import AutoConfig
+
+    from pipeline.prompts import IMAGE_PATCH_TOKEN, load_tokenizer
+
+    tok = load_tokenizer(str(llm_dir(args)))
+    rows = AutoConfig.from_pretrained(llm_dir(args)).vocab_size
+    image_id = tok.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
+    check(image_id == rows == 32000, f"<ImageHere> id {image_id} beyond the {rows}-row embedding")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {(r := json.loads(ln))["step"]: r["loss"] for ln in lines if ln}
+
+
+def check_plan(args, run_dir: Path, ckpt: Path, ckpt_bytes: int) -> list[str]:
+    """The parts of ``cli.py plan`` the CPU measures: frozen weights, optimizer state, checkpoint."""
+    from pipeline.config import load_config
+    from pipeline.plan import plan_for_config
+    from train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, run_dir / "config.yaml")
+    plan = plan_for_config(cfg, gpus=1, on_gpu=False)
+    index = json.loads((llm_dir(args) / "model.safetensors.index.json").read_text())
+    optim = sum(p.stat().st_size for p in ckpt.rglob("*optim_states.pt"))
+    rows = []
+    for what, measured, planned in (
+        ("frozen weights (LLM, bf16)", index["metadata"]["total_size"], plan.frozen_weights),
+        ("optimizer state (fp32 master + Adam)", optim, plan.optimizer_states),
+        ("checkpoint", ckpt_bytes, plan.checkpoint_bytes),
+    ):
+        rows.append(
+            f"| {what} | {measured / 1e9:.3f} GB | {planned / 1e9:.3f} GB | {measured / planned:.3f} |"
+        )
+        check(abs(measured / planned - 1) <= 0.10, f"{what}: measured / plan = {measured / planned:.3f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llm", choices=sorted(LLM_SHAPES), default="7b", help="LLM shape [7b]")
+    ap.add_argument("--cache", default=str(REPO / ".cache/rehearsal"), help="random-weight folders, reused")
+    ap.add_argument("--work", default=None, help="run folder [CACHE/run-LLM], emptied first")
+    ap.add_argument("--phase", choices=["assets", "startup-before", "startup-after"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.work = args.work or str(Path(args.cache) / f"run-{args.llm}")
+    if args.phase == "assets":
+        return phase_assets(args)
+    if args.phase:
+        return phase_startup(args, before=args.phase == "startup-before")
+
+    import torch
+
+    from pipeline.checkpoint import checkpoint_bytes, latest
+    from pipeline.weights import load_trainable
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logs, results = work / "logs", []
+    logs.mkdir()
+    me = [sys.executable, str(Path(__file__).resolve()), "--llm", args.llm, "--cache", args.cache, "--work"]
+    me.append(str(work))
+    run_phase("assets", [*me, "--phase", "assets"], results, logs)
+    check_tokenizer(args)
+    startup = {}
+    for name in ("startup-before", "startup-after"):
+        out = run_phase(name, [*me, "--phase", name], results, logs)
+        startup[name] = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+
+    shards = work / "shards"
+    videos = work / "webvid"
+    run_phase(
+        "preprocess",
+        [
+            sys.executable,
+            "cli.py",
+            "preprocess",
+            "--annotations",
+            str(videos / "annotations"),
+            "--videos",
+            str(videos / "videos"),
+            "--output",
+            str(shards),
+            "--size",
+            "224",
+            "--workers",
+            "1",
+            "--cache-features",
+            "--encoder",
+            "vit-g-7b",
+            f"features.blip2_path={Path(args.cache) / 'blip2-vit-g'}",
+            f"features.batch_size={CLIPS}",
+            "features.keep_frames=false",
+        ],
+        results,
+        logs,
+    )
+    check_features(shards)
+
+    run_dir = work / "run"
+    argv = train_argv(args, run_dir, shards)
+    run_phase("train", argv, results, logs)
+    uninterrupted = losses(run_dir)
+    check(sorted(uninterrupted) == [1, 2, 3, 4], f"4 steps logged: {uninterrupted}")
+    check(all(np.isfinite(v) for v in uninterrupted.values()), "every loss finite")
+    ckpt = run_dir / "checkpoints" / "step_00000003"
+    ckpt_bytes = checkpoint_bytes(ckpt)
+    psi = 22_104_064 if args.llm == "7b" else None
+    sd, _ = load_trainable(run_dir / "export")
+    n_params = sum(v.numel() for v in sd.values())
+    check(all(v.dtype == torch.float32 for v in sd.values()), "export tensors fp32")
+    check(psi is None or n_params == psi, f"export holds {n_params:,} trainable parameters")
+    ratio = ckpt_bytes / (16 * n_params)
+    check(ratio <= 1.1, f"checkpoint {ckpt_bytes / 1e6:.1f} MB = {ratio:.3f} x 16 B x trainable params")
+    plan_rows = check_plan(args, run_dir, ckpt, ckpt_bytes)
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    shutil.rmtree(run_dir / "export")
+    check(latest(run_dir) == ckpt, "newest complete checkpoint is step 3")
+    run_phase("resume", argv, results, logs)
+    resumed = losses(run_dir)
+    diff = abs(resumed[4] - uninterrupted[4])
+    check(diff <= 1e-6, f"step 4 after resume {resumed[4]:.6f} vs uninterrupted {uninterrupted[4]:.6f}")
+
+    run_phase(
+        "export",
+        [sys.executable, "cli.py", "convert", str(run_dir / "export"), str(work / "videollama.pth")],
+        results,
+        logs,
+    )
+    clip = sorted((videos / "videos").rglob("*.mp4"))[0]
+    out = run_phase(
+        "caption",
+        [sys.executable, "cli.py", "caption", str(run_dir), "--greedy", "--max-new-tokens", "8", str(clip)],
+        results,
+        logs,
+    )
+
+    print(f"\n## Rehearsal, LLM {args.llm} ({llm_dir(args)}), {os.cpu_count()} CPUs\n")
+    print("| phase | seconds | peak RSS (process tree) |\n|---|---|---|")
+    for name, seconds, peak in results:
+        print(f"| {name} | {seconds:.1f} | {peak / 2**30:.2f} GiB |")
+    b, a = startup["startup-before"], startup["startup-after"]
+    print(
+        f"\nfrozen encoder start-up: before {b['total_s']:.1f} s (random init {b['construct_s']:.1f} s + load), "
+        f"after {a['total_s']:.1f} s (meta {a['construct_s']:.2f} s + load): {b['total_s'] / a['total_s']:.1f}x"
+    )
+    print(f"losses {uninterrupted}; step 4 resumed {resumed[4]} (|diff| {diff:.2e})")
+    print(f"checkpoint step 3: {ckpt_bytes:,} B = {ratio:.3f} x 16 B x {n_params:,} trainable params")
+    print("\n| part | measured | plan | ratio |\n|---|---|---|---|")
+    print("\n".join(plan_rows))
+    caption = [ln for ln in out.splitlines() if ln.strip() and "WARNING" not in ln][-1:]
+    print(f"\ncaption: {caption}")
+
+
+if __name__ == "__main__":
+    main()
