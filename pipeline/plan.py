@@ -256,3 +256,36 @@ def format_plan(plan: MemoryPlan, gpu_gb: float, micro_batch: int, checkpointing
     active = "with" if checkpointing else "without"
     lines.append(f"this config runs {active} LLM checkpointing (model.llm_gradient_checkpointing)")
     return "\n".join(lines)
+
+
+def train_flops_per_sample(
+    cfg: ModelConfig, seq: int, frames: int, input: str = "features", checkpointing: bool = False
+) -> dict[str, int]:
+    """FLOPs of one training sample (multiply-add = 2), by part; what MFU divides by.
+
+    * LLM (frozen): forward 2·P·S for its matrices (P = L(4h² + 3hi) + hV with the LM head) plus
+      4·L·S²·h for the attention products; backward computes only input gradients (no weight
+      gradients for frozen weights): 1x the matrices, 2x the attention products; checkpointing
+      recomputes the layers' forward once more.
+    * video Q-Former + projection (trained): forward x 3 (input and weight gradients).
+    * frozen encoder, from frames only (no grad): ViT-g forward on frames·257 tokens + image Q-Former.
+    """
+    h, i, n, v = cfg.llm_hidden_size, cfg.llm_intermediate_size, cfg.llm_layers, cfg.llm_vocab_size
+    layers_lin = 2 * n * (4 * h * h + 3 * h * i) * seq
+    head_lin = 2 * h * v * seq
+    attn = 4 * n * seq * seq * h
+    llm = 2 * (layers_lin + head_lin) + 3 * attn + ((layers_lin + attn) if checkpointing else 0)
+    d, f, q = cfg.feature_dim, cfg.video_qformer_ffn, cfg.num_video_query_tokens
+    k = frames * cfg.num_query_tokens
+    per_layer = 2 * (6 * d * d * q + 2 * d * d * k + 2 * d * f * q) + 4 * q * q * d + 4 * q * k * d
+    video = 3 * (cfg.video_qformer_layers * per_layer + 2 * d * h * q)
+    out = {"llm": llm, "video": video, "encoder": 0}
+    if input == "frames":
+        w, m, t = cfg.vision_width, cfg.vision_mlp, (cfg.image_size // cfg.patch_size) ** 2 + 1
+        vit = cfg.vision_layers * (2 * t * (4 * w * w + 2 * w * m) + 4 * t * t * w)
+        qi, fi = cfg.num_query_tokens, cfg.qformer_ffn
+        crosses = -(-cfg.qformer_layers // cfg.qformer_cross_every)
+        qformer = cfg.qformer_layers * (2 * qi * (4 * d * d + 2 * d * fi) + 4 * qi * qi * d)
+        qformer += crosses * (2 * qi * 2 * d * d + 2 * t * 2 * w * d + 4 * qi * t * d)
+        out["encoder"] = frames * (vit + qformer)
+    return out

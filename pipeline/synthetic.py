@@ -28,18 +28,40 @@ SHARD_BYTES = 2 << 30
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def realistic_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator):
+POOL = 16_777_259  # a prime: tiles of it never line up with a power-of-two row length
+
+
+class RandomSource:
+    """N(0, STD) values drawn once (one pool per dtype) and handed out from random offsets: a 7B folder
+    in minutes on two cores instead of drawing 6.7B normals. Rows are distinct (the pool length is a
+    prime) and the statistics are a real draw's; the weights only need a realistic scale."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pools: dict[torch.dtype, torch.Tensor] = {}
+
+    def normal(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.pools:
+            self.pools[dtype] = torch.randn(POOL, generator=self.gen).mul_(STD).to(dtype)
+        pool, n = self.pools[dtype], torch.Size(shape).numel()
+        start = int(torch.randint(0, POOL, (1,), generator=self.gen))
+        reps = -(-(start + n) // POOL)
+        flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n].clone()
+        return flat.view(shape)
+
+
+def realistic_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, source: RandomSource):
     """A norm's weight is 1 (as trained norms are, near enough); everything else is N(0, STD)."""
     if len(shape) == 1 and name.endswith("weight") and "norm" in name.lower():
         return torch.ones(shape, dtype=dtype)
-    return torch.randn(shape, generator=gen).mul_(STD).to(dtype)
+    return source.normal(shape, dtype)
 
 
 def write_random_weights(
     shapes: Iterable[tuple[str, tuple[int, ...], torch.dtype]], out_dir: Path, seed: int = 0
 ) -> int:
     """Sharded safetensors + index, one shard in memory at a time; returns the bytes written."""
-    gen = torch.Generator().manual_seed(seed)
+    source = RandomSource(seed)
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
     for name, shape, dtype in shapes:
@@ -52,7 +74,7 @@ def write_random_weights(
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: realistic_tensor(name, shape, dtype, gen) for name, shape, dtype in shard}
+        tensors = {name: realistic_tensor(name, shape, dtype, source) for name, shape, dtype in shard}
         save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.itemsize for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
@@ -113,3 +135,15 @@ def write_blip2(out_dir: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
     }
     write_random_weights(((names[k], tuple(v.shape), v.dtype) for k, v in sd.items()), out, seed)
     return out
+
+
+@torch.no_grad()
+def realistic_(module: torch.nn.Module) -> torch.nn.Module:
+    """Re-draw a built module's parameters in place, on its device (from the global seed), with
+    ``realistic_tensor``'s rule: norm weights 1, everything else N(0, STD)."""
+    for name, p in module.named_parameters():
+        if p.ndim == 1 and name.endswith("weight") and "norm" in name.lower():
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, STD)
+    return module
