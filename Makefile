@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench: setup
 	$(BIN)/python benchmarks/command_bench.py
 	$(BIN)/python benchmarks/bookkeeping_bench.py
 	$(BIN)/python benchmarks/encoder_precision.py
+
+# Real-size dress rehearsal on the CPU (not in `make test`): vit-g-7b with random weights, feature cache,
+# ZeRO-2 steps, checkpoint, resume, export, caption. The full 7B needs ~20 GB of free RAM and hours of a
+# quiet CPU; a shallower run keeps every dtype/shape seam: make rehearsal REHEARSAL="--llm-layers 2 --vision-layers 1"
+REHEARSAL ?=
+rehearsal: setup
+	$(BIN)/python benchmarks/rehearsal.py $(REHEARSAL)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -62,10 +62,16 @@ def check(ok: bool, what: str) -> None:
     print(f"  ok: {what}", flush=True)
 
 
-def model_config(llm: str):
+def model_config(args):
+    """The vit-g-7b preset with the chosen LLM shape and, when asked, fewer ViT / LLM blocks."""
     from pipeline.model import preset
 
-    return dataclasses.replace(preset("vit-g-7b"), **LLM_SHAPES[llm])
+    cfg = dataclasses.replace(preset("vit-g-7b"), **LLM_SHAPES[args.llm])
+    return dataclasses.replace(
+        cfg,
+        vision_layers=args.vision_layers or cfg.vision_layers,
+        llm_layers=args.llm_layers or cfg.llm_layers,
+    )
 
 
 class TreeRSS:
@@ -121,7 +127,7 @@ def phase_assets(args) -> None:
     from pipeline.sample_data import make_webvid_sample
     from pipeline.synthetic import write_blip2, write_llama
 
-    cfg = model_config(args.llm)
+    cfg = model_config(args)
     cache = Path(args.cache)
     for folder, write in ((llm_dir(args), write_llama), (cache / "blip2-vit-g", write_blip2)):
         if not (folder / "DONE").is_file():
@@ -139,10 +145,11 @@ def phase_startup(args, before: bool) -> None:
     """Build the frozen encoder and load its weights; ``before``: random init first (the old way)."""
     import torch
 
-    from pipeline.model import FrozenEncoder
+    from pipeline.model import FrozenEncoder, preset
     from pipeline.weights import load_frozen_encoder
 
-    cfg = dataclasses.replace(model_config(args.llm), blip2_path=str(Path(args.cache) / "blip2-vit-g"))
+    full_depth = dataclasses.replace(model_config(args), vision_layers=preset("vit-g-7b").vision_layers)
+    cfg = dataclasses.replace(full_depth, blip2_path=str(Path(args.cache) / "blip2-vit-g"))
     t0 = time.perf_counter()
     if before:
         encoder = FrozenEncoder(dataclasses.replace(cfg, blip2_path=None))  # random init of ~1.1B params
@@ -180,19 +187,37 @@ def phase_startup(args, before: bool) -> None:
 # ---- the orchestrating process ----------------------------------------------------------------------
 
 
-def llm_dir(args) -> Path:
-    return Path(args.cache) / f"llama-{args.llm}-bf16"
+def llm_dir(args, full: bool = False) -> Path:
+    layers = "" if full or not args.llm_layers else f"-L{args.llm_layers}"
+    return Path(args.cache) / f"llama-{args.llm}{layers}-bf16"
+
+
+def phase_llm_load(args) -> None:
+    """The full-depth LLM folder through ``build_llm`` (from_pretrained, bf16): start-up time and RSS."""
+    from pipeline.model import build_llm, preset
+
+    full = dataclasses.replace(preset("vit-g-7b"), **LLM_SHAPES[args.llm])
+    cfg = dataclasses.replace(full, llm_path=str(llm_dir(args, full=True)))
+    t0 = time.perf_counter()
+    llm = build_llm(cfg)
+    seconds = time.perf_counter() - t0
+    n = sum(p.numel() for p in llm.parameters())
+    dtypes = sorted({str(p.dtype) for p in llm.parameters()})
+    rss = psutil.Process().memory_info().rss
+    print(json.dumps({"load_s": seconds, "params": n, "dtypes": dtypes, "rss_gib": rss / 2**30}))
 
 
 def train_argv(args, run_dir: Path, shards: Path) -> list[str]:
-    cfg = model_config(args.llm)
-    sizes = [f"model.{k}={getattr(cfg, k)}" for k in LLM_SHAPES[args.llm]]
+    cfg = model_config(args)
+    keys = [*LLM_SHAPES[args.llm], "llm_layers", "vision_layers"]
+    sizes = [f"model.{k}={getattr(cfg, k)}" for k in keys]
     return [
         sys.executable,
         "cli.py",
         "train",
         "--config",
         "configs/stage1_vit-g_7b.yaml",
+        "data.datasets=[]",  # the recipe lists its datasets; this run has one shard folder
         f"data.shards={shards}",
         f"run_dir={run_dir}",
         f"model.llm_path={llm_dir(args)}",
@@ -200,6 +225,7 @@ def train_argv(args, run_dir: Path, shards: Path) -> list[str]:
         "model.eva_vit_path=null",
         "model.qformer_lavis_path=null",
         *sizes,
+        f"data.num_frames={args.frames}",
         f"micro_batch={CLIPS}",
         "max_steps=4",
         "save_every=3",
@@ -209,7 +235,7 @@ def train_argv(args, run_dir: Path, shards: Path) -> list[str]:
     ]
 
 
-def check_features(shards: Path) -> None:
+def check_features(shards: Path, frames: int) -> None:
     from pipeline.shards import read_shard
 
     samples = [s for tar in sorted(shards.glob("shard-*.tar")) for s in read_shard(tar)]
@@ -217,8 +243,8 @@ def check_features(shards: Path) -> None:
     for s in samples:
         f = s["features"]
         check(
-            f.dtype == np.float16 and f.shape == (8, 32, 768),
-            f"features fp16 [8, 32, 768]: {f.dtype} {f.shape}",
+            f.dtype == np.float16 and f.shape == (frames, 32, 768),
+            f"features fp16 [{frames}, 32, 768]: {f.dtype} {f.shape}",
         )
         x = f.astype(np.float32)
         check(bool(np.isfinite(x).all()) and float(x.std()) > 1e-3, f"features finite, std {x.std():.3f}")
@@ -268,62 +294,90 @@ def main() -> None:
     ap.add_argument("--llm", choices=sorted(LLM_SHAPES), default="7b", help="LLM shape [7b]")
     ap.add_argument("--cache", default=str(REPO / ".cache/rehearsal"), help="random-weight folders, reused")
     ap.add_argument("--work", default=None, help="run folder [CACHE/run-LLM], emptied first")
-    ap.add_argument("--phase", choices=["assets", "startup-before", "startup-after"], help=argparse.SUPPRESS)
+    ap.add_argument("--vision-layers", type=int, help="ViT blocks [39]; fewer: same seams, less compute")
+    ap.add_argument(
+        "--llm-layers", type=int, help="LLM blocks [the shape's]; fewer: same seams, less compute"
+    )
+    ap.add_argument("--llm-load", action="store_true", help="also load the full-depth LLM folder (RAM!)")
+    ap.add_argument("--frames", type=int, default=8, help="frames per clip [8]")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up before/after phases")
+    ap.add_argument(
+        "--reuse-shards", action="store_true", help="keep a finished feature cache from a run before"
+    )
+    ap.add_argument(
+        "--phase", choices=["assets", "startup-before", "startup-after", "llm-load"], help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     args.work = args.work or str(Path(args.cache) / f"run-{args.llm}")
     if args.phase == "assets":
         return phase_assets(args)
+    if args.phase == "llm-load":
+        return phase_llm_load(args)
     if args.phase:
         return phase_startup(args, before=args.phase == "startup-before")
 
     import torch
 
     from pipeline.checkpoint import checkpoint_bytes, latest
+    from pipeline.plan import param_counts
     from pipeline.weights import load_trainable
 
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse_shards and (work / "shards" / "summary.json").is_file()
+    for old in ("run", "logs") if reuse else ("",):
+        shutil.rmtree(work / old, ignore_errors=True)
     logs, results = work / "logs", []
-    logs.mkdir()
-    me = [sys.executable, str(Path(__file__).resolve()), "--llm", args.llm, "--cache", args.cache, "--work"]
-    me.append(str(work))
+    logs.mkdir(parents=True)
+    me = [sys.executable, str(Path(__file__).resolve()), "--llm", args.llm, "--cache", args.cache]
+    me += ["--work", str(work), "--frames", str(args.frames)]
+    me += [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("vision_layers", "llm_layers")
+        if getattr(args, k)
+    ]
     run_phase("assets", [*me, "--phase", "assets"], results, logs)
     check_tokenizer(args)
     startup = {}
-    for name in ("startup-before", "startup-after"):
+    startup_phases = [] if args.no_startup else ["startup-before", "startup-after"]
+    for name in (*startup_phases, *(["llm-load"] if args.llm_load else [])):
         out = run_phase(name, [*me, "--phase", name], results, logs)
         startup[name] = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
 
     shards = work / "shards"
     videos = work / "webvid"
-    run_phase(
-        "preprocess",
-        [
-            sys.executable,
-            "cli.py",
+    if reuse:
+        print(f"\n== preprocess: reusing the feature cache in {shards}", flush=True)
+    else:
+        run_phase(
             "preprocess",
-            "--annotations",
-            str(videos / "annotations"),
-            "--videos",
-            str(videos / "videos"),
-            "--output",
-            str(shards),
-            "--size",
-            "224",
-            "--workers",
-            "1",
-            "--cache-features",
-            "--encoder",
-            "vit-g-7b",
-            f"features.blip2_path={Path(args.cache) / 'blip2-vit-g'}",
-            f"features.batch_size={CLIPS}",
-            "features.keep_frames=false",
-        ],
-        results,
-        logs,
-    )
-    check_features(shards)
+            [
+                sys.executable,
+                "cli.py",
+                "preprocess",
+                "--annotations",
+                str(videos / "annotations"),
+                "--videos",
+                str(videos / "videos"),
+                "--output",
+                str(shards),
+                "--size",
+                "224",
+                "--workers",
+                "1",
+                "--cache-features",
+                "--encoder",
+                "vit-g-7b",
+                f"features.blip2_path={Path(args.cache) / 'blip2-vit-g'}",
+                "--num-frames",
+                str(args.frames),
+                f"features.batch_size={CLIPS}",
+                "features.keep_frames=false",
+                f"features.vision_layers={model_config(args).vision_layers}",
+            ],
+            results,
+            logs,
+        )
+    check_features(shards, args.frames)
 
     run_dir = work / "run"
     argv = train_argv(args, run_dir, shards)
@@ -333,11 +387,11 @@ def main() -> None:
     check(all(np.isfinite(v) for v in uninterrupted.values()), "every loss finite")
     ckpt = run_dir / "checkpoints" / "step_00000003"
     ckpt_bytes = checkpoint_bytes(ckpt)
-    psi = 22_104_064 if args.llm == "7b" else None
+    psi = param_counts(model_config(args)).trainable  # 22,104,064 with a 4096-wide LLM
     sd, _ = load_trainable(run_dir / "export")
     n_params = sum(v.numel() for v in sd.values())
     check(all(v.dtype == torch.float32 for v in sd.values()), "export tensors fp32")
-    check(psi is None or n_params == psi, f"export holds {n_params:,} trainable parameters")
+    check(n_params == psi, f"export holds {n_params:,} trainable parameters")
     ratio = ckpt_bytes / (16 * n_params)
     check(ratio <= 1.1, f"checkpoint {ckpt_bytes / 1e6:.1f} MB = {ratio:.3f} x 16 B x trainable params")
     plan_rows = check_plan(args, run_dir, ckpt, ckpt_bytes)
@@ -364,16 +418,24 @@ def main() -> None:
         logs,
     )
 
-    print(f"\n## Rehearsal, LLM {args.llm} ({llm_dir(args)}), {os.cpu_count()} CPUs\n")
+    cfg = model_config(args)
+    print(
+        f"\n## Rehearsal: ViT-g {cfg.vision_layers} blocks, LLM {args.llm} shape with {cfg.llm_layers} blocks "
+        f"({llm_dir(args)}), {args.frames} frames, {os.cpu_count()} CPUs\n"
+    )
     print("| phase | seconds | peak RSS (process tree) |\n|---|---|---|")
     for name, seconds, peak in results:
         print(f"| {name} | {seconds:.1f} | {peak / 2**30:.2f} GiB |")
-    b, a = startup["startup-before"], startup["startup-after"]
-    print(
-        f"\nfrozen encoder start-up (build + load + content hash): before {b['total_s']:.1f} s (random "
-        f"init {b['construct_s']:.1f} s), after {a['total_s']:.1f} s (meta {a['construct_s']:.2f} s): "
-        f"{b['total_s'] / a['total_s']:.1f}x; RSS after {b['rss_gib']:.2f} vs {a['rss_gib']:.2f} GiB"
-    )
+    b, a = startup.get("startup-before"), startup.get("startup-after")
+    if b and a:
+        print(
+            f"\nfrozen encoder start-up (build + load + content hash): before {b['total_s']:.1f} s (random "
+            f"init {b['construct_s']:.1f} s), after {a['total_s']:.1f} s (meta {a['construct_s']:.2f} s): "
+            f"{b['total_s'] / a['total_s']:.1f}x; RSS after {b['rss_gib']:.2f} vs {a['rss_gib']:.2f} GiB"
+        )
+    if "llm-load" in startup:
+        x = startup["llm-load"]
+        print(f"full-depth LLM from_pretrained: {x['load_s']:.1f} s, {x['params']:,} params {x['dtypes']}")
     print(f"losses {uninterrupted}; step 4 resumed {resumed[4]} (|diff| {diff:.2e})")
     print(f"checkpoint step 3: {ckpt_bytes:,} B = {ratio:.3f} x 16 B x {n_params:,} trainable params")
     print("\n| part | measured | plan | ratio |\n|---|---|---|---|")

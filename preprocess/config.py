@@ -30,11 +30,19 @@ class FeatureCacheConfig(WeightPaths):
     concurrency: int = 1  # encoder actors
     num_gpus: float | None = None  # per actor; default 1 when CUDA is present, else 0
     num_cpus: float = 1.0  # per actor
+    # fewer ViT blocks than the preset's (the CPU rehearsal); part of the encoder fingerprint, so a
+    # trainer whose model.vision_layers differs refuses the cache
+    vision_layers: int | None = None
 
     def model_config(self):
+        from pipeline.config import ConfigError
         from pipeline.model import preset
 
         cfg = dataclasses.replace(preset(self.model), **self.weight_paths())
+        if self.vision_layers is not None:
+            if self.vision_layers < 1:
+                raise ConfigError("features.vision_layers must be >= 1")
+            cfg.vision_layers = self.vision_layers
         cfg.validate()
         return cfg
 

@@ -140,3 +140,14 @@ def test_meta_encoder_materialises_once_from_a_blip2_folder(tmp_path):
     features = meta(clip)
     assert features.std().item() > 0.1 and torch.isfinite(features).all()
     assert old.weights_fingerprint() == fingerprint  # hashed before the CPU cast, as the callers do
+
+
+def test_feature_cache_vision_layers_is_part_of_the_encoder_identity():
+    from pipeline.config import ConfigError
+    from preprocess.config import FeatureCacheConfig
+
+    full, shallow = FeatureCacheConfig().model_config(), FeatureCacheConfig(vision_layers=1).model_config()
+    assert (full.vision_layers, shallow.vision_layers) == (39, 1)
+    assert full.encoder_fingerprint() != shallow.encoder_fingerprint()  # a trainer of another depth refuses
+    with pytest.raises(ConfigError, match="features.vision_layers must be >= 1"):
+        FeatureCacheConfig(vision_layers=0).model_config()
