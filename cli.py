@@ -223,7 +223,7 @@ def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
     if gpus < 1 or gpu_memory <= 0:
         _fail(ConfigError("--gpus must be >= 1 and --gpu-memory > 0"))
     result = plan_for_config(cfg, gpus, on_gpu=True, input=input_kind)
-    checkpointing = cfg.model_config().llm_gradient_checkpointing
+    checkpointing = cfg.model.llm_gradient_checkpointing
     click.echo(f"{config_path} (micro_batch {cfg.micro_batch})")
     click.echo(format_plan(result, gpu_memory, cfg.micro_batch, checkpointing))
 

@@ -202,7 +202,7 @@ def plan_memory(
 
 def plan_for_config(train_cfg, gpus: int, on_gpu: bool = True, input: str | None = None) -> MemoryPlan:
     """``plan_memory`` for a TrainConfig: sequence length, frames, precision and ZeRO buckets from it."""
-    mcfg = train_cfg.model_config()
+    mcfg = train_cfg.model  # the preset with the config's keys over it, resolved
     d = train_cfg.data
     precision = train_cfg.precision if train_cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
     zero = _zero_settings(train_cfg.zero_config)
