@@ -10,6 +10,11 @@
   stage 2 load;
 * ``COMPLETE``: written last, after every rank finished; a checkpoint without it is ignored (a run
   killed while saving resumes from the previous one).
+
+A resume checks the newest complete checkpoint's files first (:func:`resume_point`): one damaged after it
+was written (a truncated optimizer state or train-state JSON, a missing model-state file) is set aside
+as ``checkpoints/broken_step_N`` with a warning and the previous intact one is used; with none intact the
+run stops with one line naming the broken file.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import base64
 import json
 import random
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.distributed import barrier
 from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, checkpoint_tag, train_state_file
 from pipeline.shards import write_json
@@ -82,6 +89,80 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest(run_dir: str | Path) -> Path | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+class BrokenCheckpoint(ConfigError):
+    """No complete checkpoint of the run can be resumed from; the message names the damaged file."""
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save files are zip archives with the directory at the end: a cut-short file has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+        return None if end <= path.stat().st_size else f"{path} is cut short"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{path} is not a complete torch file ({type(e).__name__})"
+
+
+def problems(path: str | Path) -> list[str]:
+    """What is missing or damaged in a complete checkpoint (empty: it can be resumed from)."""
+    path = Path(path)
+    try:
+        world = int(json.loads((path / train_state_file(0)).read_text()).get("world_size", 1))
+    except (OSError, ValueError, AttributeError) as e:
+        return [f"{path / train_state_file(0)} is missing or not valid JSON ({type(e).__name__})"]
+    found = []
+    for rank in range(1, world):
+        try:
+            json.loads((path / train_state_file(rank)).read_text())
+        except (OSError, ValueError) as e:
+            found.append(f"{path / train_state_file(rank)} is missing or not valid JSON ({type(e).__name__})")
+    torch_files = [("model states", "mp_rank_00_model_states.pt")]
+    torch_files += [
+        ("optimizer state", f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in range(world)
+    ]
+    for what, pattern in torch_files:
+        matches = sorted(path.glob(pattern))
+        if not matches:
+            found.append(f"{path / pattern} ({what}) is missing")
+        found += [msg for f in matches if (msg := _torch_file_problem(f))]
+    return found
+
+
+def resume_point(run_dir: str | Path, rank: int) -> Path | None:
+    """Collective: the newest complete checkpoint whose files are intact, or None for a fresh run.
+
+    Newer ones that are damaged are renamed ``broken_step_N`` (so nothing resumes from or exports them
+    later) with a warning; when every complete checkpoint is damaged, :class:`BrokenCheckpoint`.
+    """
+    done = complete_checkpoints(run_dir)
+    broken: list[tuple[Path, list[str]]] = []
+    chosen = None
+    for path in reversed(done):
+        if not (found := problems(path)):
+            chosen = path
+            break
+        broken.append((path, found))
+    if broken and chosen is None:  # nothing moved: every rerun stops with the same line
+        raise BrokenCheckpoint(
+            f"no intact checkpoint to resume from: {broken[0][1][0]}"
+            + (f" (and {len(broken) - 1} older damaged)" if len(broken) > 1 else "")
+            + "; restore the file, or remove the checkpoints folder to start over"
+        )
+    barrier()  # every rank has looked before rank 0 moves anything
+    if rank == 0:
+        for path, found in broken:
+            aside = path.with_name("broken_" + path.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(
+                f"[train] warning: checkpoint {path.name} is damaged ({'; '.join(found)}); "
+                f"moved to {aside.name}, resuming from {chosen.name}",
+                flush=True,
+            )
+    barrier()
+    return chosen
 
 
 def save(

@@ -3,14 +3,21 @@
 Rank 0 gets an ``MlflowTracker``, every other rank a ``NullTracker``. The store is, in order: the
 config's ``tracking_uri``, ``$MLFLOW_TRACKING_URI``, else ``sqlite:///RUN_DIR/mlflow.db`` (never the file
 store). The MLflow run id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run continues the same run.
+
+Everything a run writes stays in its folder: with the default store, the artifact location recorded in
+``mlflow.db`` is re-pointed at this folder's ``mlartifacts/`` whenever the store is opened, so a copied
+or moved run folder never writes into the one it came from. A run resumed after a crash logs each step
+once: points the killed attempt already logged past the checkpoint are not logged again (resume is
+exact, so they hold the same losses).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def skip_logged_steps(self) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -69,9 +79,12 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(run_dir, uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         id_file = Path(run_dir) / MLFLOW_RUN_ID
         self.resumed = id_file.is_file()
+        self.logged: dict[str, int] = {}  # metric -> last step already in the store (see skip_logged_steps)
+        if self.resumed and self.uri == resolve_uri(run_dir) and self.uri.startswith("sqlite:///"):
+            rehome_artifacts(Path(run_dir) / MLFLOW_DB, Path(run_dir) / MLFLOW_ARTIFACTS)
+        self.client = MlflowClient(tracking_uri=self.uri)
         if self.resumed:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
@@ -103,9 +116,15 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        )
+        points = [Metric(k, float(v), ts, step) for k, v in metrics.items() if step > self.logged.get(k, -1)]
+        if points:
+            self.client.log_batch(self.run_id, metrics=points)
+
+    def skip_logged_steps(self) -> None:
+        """From now on, do not log a metric at a step the store already holds for it: a training run
+        resumed from its last checkpoint recomputes the steps its killed attempt logged after it."""
+        latest = self.client.get_run(self.run_id).data.to_proto().metrics  # the newest point per key
+        self.logged = {m.key: m.step for m in latest}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -120,6 +139,28 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def rehome_artifacts(db: Path, artifacts: Path) -> None:
+    """Point the artifact locations in a run folder's own SQLite store at ``artifacts`` (this folder's).
+
+    MLflow records absolute artifact URIs; a run folder copied with ``cp -r`` would otherwise keep
+    logging into the original. MLflow has no API to move an experiment, so the two columns that hold
+    the location are rewritten (experiments.artifact_location and each run's artifact_uri under it).
+    """
+    if not db.is_file():
+        return
+    new = artifacts.resolve().as_uri()
+    with closing(sqlite3.connect(db)) as con, con:
+        for exp_id, old in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+            if not old or old == new or not old.endswith("/" + MLFLOW_ARTIFACTS):
+                continue  # MLflow's Default experiment (./mlruns) is never used by a training run
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+            con.execute(
+                "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                (new, len(old) + 1, exp_id, len(old), old),
+            )
 
 
 @contextmanager

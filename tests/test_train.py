@@ -399,3 +399,127 @@ def test_mlflow_server_receives_the_run(shards, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
+    """Killed while saving step 6: the rerun logs each step to MLflow once; a rerun with other settings is
+    refused naming them; a copied run folder resumes into itself, never into the original."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    args = [f"data.shards={shards}", "max_steps=6", "save_every=3", "data.workers=1"]
+    proc = subprocess.Popen(
+        train_cmd(1, *args, f"run_dir={run_dir}"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    saving = run_dir / "checkpoints" / "step_00000006"
+    deadline = time.monotonic() + 280
+    while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(run_dir).name == "step_00000003", "not killed while step 6 was saving"
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+    # other settings for the same run: refused before any work, the differences named
+    config = (run_dir / "config.yaml").read_text()
+    p = run_train(1, *args, f"run_dir={run_dir}", "optim.init_lr=0.5", "micro_batch=1", "seed=7", check=False)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and err.startswith("Error: run_dir") and "Traceback" not in p.stderr
+    assert "optim.init_lr: 0.001 -> 0.5" in err and "micro_batch: 2 -> 1" in err and "seed: 42 -> 7" in err
+    assert "only run_dir, max_steps" in err and (run_dir / "config.yaml").read_text() == config
+
+    # a copy resumes (with an allowed change) into its own folder; the original is untouched
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = _tree(run_dir)
+    p = run_train(1, *args, f"run_dir={copy}", "max_steps=7")
+    assert "resumed from" in p.stdout and "step_00000003" in p.stdout
+    assert _tree(run_dir) == before
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    assert client.get_run(run_id).info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
+    assert {a.path for a in client.list_artifacts(run_id, "export")} >= {"export/trainable.safetensors"}
+    assert (copy / "mlartifacts").is_dir() and sorted(losses(copy)) == list(range(1, 8))
+    for key in ("loss", "lr", "grad_norm", "samples_seen", "data_errors"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, 8)), (key, steps)  # one point per step
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert loss == losses(copy)
+
+
+def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    bad = data / "shard-000001.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
+    args = [f"data.shards={data}", "data.workers=1", "tracking=false", "save_every=100"]
+    p = run_train(1, *args, f"run_dir={tmp_path / 'a'}", "max_steps=4", check=False)  # 4 steps: every shard
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "Error: data: 2 of" in p.stderr and "data.max_error_rate=0.01" in p.stderr
+    assert f"warning: rank 0: skipping unusable samples of {bad}" in p.stdout
+    p = run_train(1, *args, f"run_dir={tmp_path / 'b'}", "max_steps=4", "data.max_error_rate=0.3")
+    assert p.stdout.count(f"skipping unusable samples of {bad} (ReadError: unexpected end of data") == 1
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["data_errors"] == 2
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
+    """Truncated optimizer state / train-state JSON, missing model states: the previous intact checkpoint
+    is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
+    import shutil
+
+    args = [f"data.shards={shards}", "max_steps=4", "save_every=2", "tracking=false", "data.workers=1"]
+    ref = tmp_path / "ref"
+    run_train(1, *args, f"run_dir={ref}")
+    step2, step4 = (ref / "checkpoints" / f"step_0000000{s}" for s in (2, 4))
+    assert checkpoint.problems(step4) == []
+
+    def damaged(name: str, change) -> Path:
+        run_dir = tmp_path / name
+        shutil.copytree(ref, run_dir)
+        change(run_dir / "checkpoints" / step4.name)
+        return run_dir
+
+    def cut(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    optim = damaged("optim", lambda c: cut(c / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    state = damaged("state", lambda c: cut(c / "train_state_rank0.json"))
+    model = damaged("model", lambda c: (c / "mp_rank_00_model_states.pt").unlink())
+    for run_dir, says in [
+        (optim, "optim_states.pt is not a complete torch file"),
+        (state, "train_state_rank0.json is missing or not valid JSON"),
+        (model, "mp_rank_00_model_states.pt (model states) is missing"),
+    ]:
+        found = checkpoint.problems(run_dir / "checkpoints" / step4.name)
+        assert len(found) == 1 and says in found[0], found
+    assert checkpoint.resume_point(state, rank=0).name == step2.name
+    assert (state / "checkpoints" / f"broken_{step4.name}").is_dir()
+
+    (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 3-4 from the step-2 checkpoint
+    p = run_train(1, *args, f"run_dir={optim}")
+    assert f"warning: checkpoint {step4.name} is damaged" in p.stdout
+    assert f"resumed from {optim / 'checkpoints' / step2.name}" in p.stdout
+    assert losses(optim) == {s: v for s, v in losses(ref).items() if s > 2}
+
+    cut(model / "checkpoints" / step2.name / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    p = run_train(1, *args, f"run_dir={model}", check=False)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert (
+        err.startswith("Error: no intact checkpoint to resume from:") and "mp_rank_00_model_states.pt" in err
+    )

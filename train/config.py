@@ -9,10 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import ConfigError
+import yaml
+
+from pipeline.config import ConfigError, to_dict
 from pipeline.model import PRESETS, ModelConfig, preset
+from pipeline.rundir import CONFIG
+from pipeline.tracking import flatten
+
+# Keys a rerun of an existing run (same run_dir) may change; any other difference is refused, because the
+# checkpoint, the data cursors and the MLflow params all belong to the settings the run started with.
+# They change how long it runs, how often it saves/logs/validates, where it is (a copied folder), and
+# the loader's prefetch depth; none changes what a step computes.
+RESUMABLE_KEYS = (
+    "run_dir",
+    "max_steps",
+    "epochs",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "run_name",
+    "data.prefetch",
+    "eval.",  # validation only reads the model
+)
 
 
 @dataclass
@@ -43,6 +64,9 @@ class DataConfig:
     label_mask: Literal["original", "answers"] = "original"
     max_caption_tokens: int = 32  # a caption (also a caption used as answer) is cut to this many tokens
     max_len: int = 512  # conversation tokens incl. BOS and video block; too long: truncated, or skipped
+    # unreadable/unusable samples are skipped with a warning naming the shard; more than this fraction of
+    # the samples read (at least of one pass over the data) stops the run (train.data.check_error_budget)
+    max_error_rate: float = 0.01
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
     prefetch: int = 2
     seed: int | None = None  # shard order; default: the run seed
@@ -117,6 +141,8 @@ class TrainConfig:
             raise ConfigError("data.shards: a shard folder is required (or data.datasets)")
         if any(s.weight <= 0 for s in specs):
             raise ConfigError("data.datasets[].weight: weights must be > 0")
+        if not 0 <= self.data.max_error_rate <= 1:
+            raise ConfigError("data.max_error_rate: a fraction in 0..1")
         if self.data.workers < 0 or self.data.prefetch < 1:
             raise ConfigError(
                 "data.workers must be >= 0 (0: load in the training process), data.prefetch >= 1"
@@ -158,3 +184,27 @@ class TrainConfig:
         if not isinstance(model, dict):
             return data  # a ModelConfig already, or a wrong type that the type check names
         return {**data, "model": {**dataclasses.asdict(preset(name)), **model}}
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def check_rerun(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """Refuse to continue the run in ``run_dir`` with settings other than its own (see RESUMABLE_KEYS).
+
+    Keys absent from the saved config (a field added since) are not compared.
+    """
+    saved_file = Path(run_dir) / CONFIG
+    if not saved_file.is_file():
+        return
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten(to_dict(cfg))
+    changed = [k for k in now if k in saved and saved[k] != now[k] and not _resumable(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"run_dir {str(run_dir)!r} holds a run with other settings ({diff}); a rerun continues it, so "
+            f"only {', '.join(k.rstrip('.') + ('*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)} "
+            "may change: use another run_dir for new settings"
+        )

@@ -112,14 +112,30 @@ def check_encoder_weights(folders: list[str], weights_hash: str) -> None:
 # ---- streams ---------------------------------------------------------------------------------------
 
 
+class DataError(ConfigError):
+    """Too much of the training data is unusable to go on; a ConfigError so the CLI prints one line."""
+
+
+def check_error_budget(errors: int, read: int, dataset_size: int, max_rate: float) -> None:
+    """Stop when unusable samples exceed ``max_rate`` of what was read (at least of one pass over the
+    data set): a corrupt shard or two in a large set only warns, a missing mount or a broken set stops."""
+    if errors > max_rate * max(read, dataset_size):
+        raise DataError(
+            f"data: {errors} of {read} samples read so far were unusable, more than data.max_error_rate="
+            f"{max_rate:g} of {max(read, dataset_size)}; the warnings above name the shards: fix or remove "
+            "them, or raise data.max_error_rate"
+        )
+
+
 def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
 
 
 def slot_samples(
     shards: list[tuple[str, int]], slot: int, num_slots: int, seed: int, skip: int = 0
-) -> Iterator[dict[str, Any] | None]:
-    """Endless samples of one dataset for one slot, after skipping ``skip``; None marks an unreadable one."""
+) -> Iterator[dict[str, Any]]:
+    """Endless samples of one dataset for one slot, after skipping ``skip``. Each carries the path of its
+    shard (``shard``); a position that could not be read is ``{"shard", "unreadable": message}``."""
     if len(shards) < num_slots:
         raise ConfigError(
             f"{len(shards)} shards cannot feed {num_slots} streams (ranks x data.workers): "
@@ -133,15 +149,16 @@ def slot_samples(
             if skip >= count:
                 skip -= count
                 continue
-            yielded = 0
+            yielded, message = 0, "fewer samples than its index lists"
             try:
                 for sample in itertools.islice(read_shard(path), skip, count):
                     yielded += 1
-                    yield sample
-            except Exception:  # a corrupt shard: its remaining positions count as errors
-                pass
+                    yield {**sample, "shard": path}
+            except Exception as e:  # a corrupt shard: its remaining positions count as errors
+                text = str(e.args[0] if e.args else e).splitlines()  # tarfile packs (text, file, path)
+                message = f"{type(e).__name__}: {text[0][:200] if text else ''}"
             for _ in range(count - skip - yielded):
-                yield None
+                yield {"shard": path, "unreadable": message}
             skip = 0
 
 
@@ -263,9 +280,9 @@ class TrainStream(IterableDataset):
         )
         return "too_long" if text is None else text
 
-    def _prepare(self, sample: dict[str, Any] | None, slot: int, batch: int, row: int):
+    def _prepare(self, sample: dict[str, Any], slot: int, batch: int, row: int):
         """(TextSample, array) for a usable sample, else the reason it is skipped."""
-        x = None if sample is None else sample.get(self.kind)
+        x = sample.get(self.kind)
         if x is None or x.ndim - SAMPLE_NDIM[self.kind] not in (0, 1):
             return "error"
         view = self._view(x, slot, batch, row)
@@ -295,11 +312,15 @@ class TrainStream(IterableDataset):
             texts: list[TextSample] = []
             arrays: list[np.ndarray] = []
             skipped = {"error": 0, "too_long": 0}
+            bad_shards: dict[str, str] = {}  # shard -> why its sample was skipped as an error
             while len(texts) < self.micro_batch:
-                got = self._prepare(next(streams[d]), slot, n, len(texts))
+                sample = next(streams[d])
+                got = self._prepare(sample, slot, n, len(texts))
                 consumed[d] += 1
                 if isinstance(got, str):
                     skipped[got] += 1
+                    if got == "error":
+                        bad_shards[sample["shard"]] = sample.get("unreadable", "unusable sample")
                     if sum(skipped.values()) > sizes[d]:
                         raise RuntimeError(
                             f"data.datasets[{d}]: no usable sample in a whole pass over its {sizes[d]} samples "
@@ -316,6 +337,7 @@ class TrainStream(IterableDataset):
                 slot=logical,
                 dataset=d,
                 errors=skipped["error"],
+                bad_shards=bad_shards,
                 too_long=skipped["too_long"],
                 cursor={"batches": n, "samples": list(consumed)},
             )

@@ -41,8 +41,8 @@ from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_we
 from pipeline.rundir import CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards
 from pipeline.tracking import git_commit, make_tracker
-from train.config import TrainConfig
-from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
+from train.config import TrainConfig, check_rerun
+from train.data import TrainStream, check_encoder_weights, check_error_budget, make_loader, shard_counts
 from train.engine import (
     REPO,
     build_engine,
@@ -60,6 +60,7 @@ Datasets = list[tuple[list[tuple[str, int]], float]]  # per dataset: ([(shard, s
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Set up (data, process group, model, engine, resume), train to ``max_steps``, finish."""
+    check_rerun(cfg, cfg.run_dir)  # before anything else: a rerun with other settings is refused
     mcfg = cfg.model
     datasets, kind = check_data(cfg, mcfg)  # before the process group: a config error is one line per rank
     info = distributed.init()
@@ -94,6 +95,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     stop = StopRequest()  # before the loader forks its workers, so they inherit the handler
     batches = iter(make_loader(stream, cfg.data.workers, cfg.data.prefetch))
     tracker = make_tracker(main, cfg.tracking, run_dir, cfg.experiment, cfg.tracking_uri, cfg.run_name)
+    tracker.skip_logged_steps()  # a crash after the checkpoint logged steps that are now recomputed
     if resumed_from is None:
         start_tracking(tracker, cfg, run_dir, info, kind, max_steps, init_checksum)
     else:
@@ -106,9 +108,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     engine.train()
     last_saved, loss = None, float("nan")
+    warned: set[str] = set()  # shards already named in a warning
+    dataset_size = sum(n for shards, _ in datasets for _, n in shards)
     while state.step < max_steps:
         t_step = time.perf_counter()
-        local, lr = train_step(engine, optimizer, batches, cfg, kind, dtype, info.device, state, max_steps)
+        local, lr = train_step(
+            engine, optimizer, batches, cfg, kind, dtype, info.device, state, max_steps, rank, warned
+        )
         state.step += 1
         grad_norm = engine.get_global_grad_norm()
         total = distributed.all_reduce_named({**local, "stop": float(stop.requested)}, info.device)
@@ -117,6 +123,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         state.samples_seen += int(total["samples"])
         state.skipped["errors"] += int(total["errors"])
         state.skipped["too_long"] += int(total["too_long"])
+        read = state.samples_seen + state.skipped["errors"] + state.skipped["too_long"]
+        try:  # the same numbers on every rank: all stop together
+            check_error_budget(state.skipped["errors"], read, dataset_size, cfg.data.max_error_rate)
+        except ConfigError:
+            tracker.close("FAILED")
+            raise
         if main:
             metrics = step_metrics(total, state, lr, grad_norm, time.perf_counter() - t_step, world)
             metrics["epoch"] = state.step / steps_per_epoch
@@ -192,7 +204,7 @@ def use_cached_features(cfg: TrainConfig, model: VideoLLaMA, main: bool) -> None
 
 def resume(cfg: TrainConfig, engine, run_dir: Path, info: DistInfo) -> tuple[TrainState, Path | None]:
     """The state of the newest complete checkpoint (engine and RNG restored), else a fresh one."""
-    path = checkpoint.latest(run_dir)
+    path = checkpoint.resume_point(run_dir, info.rank)
     if path is None:
         torch.manual_seed(cfg.seed * 1000 + info.rank)  # dropout differs across ranks, fixed by the seed
         return TrainState(world_size=info.world_size), None
@@ -256,11 +268,23 @@ def start_tracking(
 
 
 def train_step(
-    engine, optimizer, batches, cfg: TrainConfig, kind: str, dtype, device, state: TrainState, max_steps: int
+    engine,
+    optimizer,
+    batches,
+    cfg: TrainConfig,
+    kind: str,
+    dtype,
+    device,
+    state: TrainState,
+    max_steps: int,
+    rank: int = 0,
+    warned: set[str] | None = None,
 ) -> tuple[dict[str, float], float]:
     """``grad_accum`` micro-batches through the engine, the learning rate set before each forward (as the
     original). Returns this rank's sums, to be all-reduced by name, and the step's (last) learning rate;
-    keeps each loader worker's cursor in ``state``."""
+    keeps each loader worker's cursor in ``state``; warns once per rank about each shard with unusable
+    samples (``warned``: the shards already named)."""
+    warned = set() if warned is None else warned
     accum = cfg.grad_accum
     sums = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "errors": 0.0, "wait_s": 0.0, "too_long": 0.0}
     for micro in range(accum):
@@ -273,6 +297,12 @@ def train_step(
         state.cursors[batch["slot"]] = batch["cursor"]
         sums["errors"] += batch["errors"]
         sums["too_long"] += batch["too_long"]
+        for shard, why in batch["bad_shards"].items():
+            if shard not in warned:  # once per shard and rank; the count goes to data_errors
+                warned.add(shard)
+                print(
+                    f"[train] warning: rank {rank}: skipping unusable samples of {shard} ({why})", flush=True
+                )
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "video_mask", "labels")}
         if kind == "frames":
             inputs["clip"] = clip_from_frames(batch["frames"].to(device), dtype)
