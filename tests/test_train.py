@@ -523,3 +523,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
     assert (
         err.startswith("Error: no intact checkpoint to resume from:") and "mp_rank_00_model_states.pt" in err
     )
+
+
+def test_unwritable_run_dir_is_one_line_before_work(shards, tmp_path):
+    from train.loop import run
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = load_config(TrainConfig, TINY, [f"data.shards={shards}", f"run_dir={blocker / 'run'}"])
+    with pytest.raises(ConfigError, match=r"run_dir: cannot write in .*a_file/run"):
+        run(cfg)

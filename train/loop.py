@@ -35,7 +35,7 @@ import torch
 
 from pipeline import checkpoint, distributed
 from pipeline.checkpoint import TrainState
-from pipeline.config import ConfigError, save_yaml, to_dict
+from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
 from pipeline.rundir import CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
@@ -61,6 +61,7 @@ Datasets = list[tuple[list[tuple[str, int]], float]]  # per dataset: ([(shard, s
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Set up (data, process group, model, engine, resume), train to ``max_steps``, finish."""
     check_rerun(cfg, cfg.run_dir)  # before anything else: a rerun with other settings is refused
+    check_writable(cfg.run_dir, "run_dir")  # one line now, not a traceback at the first checkpoint
     mcfg = cfg.model
     datasets, kind = check_data(cfg, mcfg)  # before the process group: a config error is one line per rank
     info = distributed.init()
