@@ -1,9 +1,14 @@
-"""Shared fixtures: a local Ray cluster and small WebVid-layout corpora made in the tests."""
+"""Shared fixtures and helpers: a local Ray cluster, small WebVid-layout corpora made in the tests, the
+shard sets and the short training run that several modules use (made once per session), and the way
+every test starts a training process."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,11 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "stage1_tiny.yaml"
+TINY_SIZE = 56  # the tiny preset's image size: shards for it are preprocessed at this size
+# 3 steps without warm-up or tracking: enough to compare two inputs step by step
+# no training-time crop: runs on frames and on cached features of the same clips must agree
+SHORT_RUN = ("max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0", "data.random_crop=false")
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +123,86 @@ def build_corpus(root: Path, good: int = 6, bad: bool = True) -> dict:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     return build_corpus(tmp_path_factory.mktemp("webvid"))
+
+
+# ---- training processes ----------------------------------------------------------------------------
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """One thread per process, unbuffered output, and the run's own MLflow store (never a server the
+    calling shell points at)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def train_cmd(nproc: int, *overrides: str, config: Path = TINY) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    return [*launcher, str(REPO / "cli.py"), "train", "--config", str(config), *overrides]
+
+
+def run_train(
+    nproc: int, *overrides: str, config: Path = TINY, env=None, check: bool = True
+) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        train_cmd(nproc, *overrides, config=config),
+        cwd=REPO,
+        env=env or train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+# ---- data and runs shared across modules (one per session) ------------------------------------------
+
+
+def preprocess(corpus: dict, out: Path, **values) -> dict:
+    """The real preprocessing job on ``corpus`` at the tiny preset's size; returns its summary."""
+    from pipeline.config import load_config
+    from preprocess.config import PreprocessConfig
+    from preprocess.job import run
+
+    inputs = {"annotations": corpus["annotations"], "videos": corpus["videos"], "output": str(out)}
+    return run(load_config(PreprocessConfig, values={**inputs, "size": TINY_SIZE, **values}))
+
+
+@pytest.fixture(scope="session")
+def corpus_shards(ray_local, corpus, tmp_path_factory) -> Path:
+    """The session corpus (6 good clips + one row of every failure class) -> webdataset shards of 4."""
+    out = tmp_path_factory.mktemp("corpus_shards") / "shards"
+    assert preprocess(corpus, out, samples_per_shard=4, workers=2)["ok"] == 6
+    return out
+
+
+@pytest.fixture(scope="session")
+def frame_corpus(tmp_path_factory) -> dict:
+    """8 good clips, no faults: the training corpus."""
+    return build_corpus(tmp_path_factory.mktemp("frame_corpus"), good=8, bad=False)
+
+
+@pytest.fixture(scope="session")
+def frame_shards(ray_local, frame_corpus, tmp_path_factory) -> Path:
+    """``frame_corpus`` -> 4 webdataset shards of 2 clips, 8 frames each, by the real job."""
+    out = tmp_path_factory.mktemp("frame_shards") / "shards"
+    assert preprocess(frame_corpus, out, samples_per_shard=2, workers=2)["ok"] == 8
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_frames_run(frame_shards, tmp_path_factory) -> Path:
+    """SHORT_RUN on ``frame_shards``: the reference that runs on cached features must match."""
+    out = tmp_path_factory.mktemp("short_frames_run") / "run"
+    run_train(1, f"data.shards={frame_shards}", f"run_dir={out}", *SHORT_RUN)
+    return out

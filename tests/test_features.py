@@ -14,6 +14,7 @@ from pipeline.model import FrozenEncoder, VideoLLaMA, clip_from_frames, tiny
 from pipeline.shards import list_shards, read_shard
 from preprocess.config import PreprocessConfig
 from preprocess.job import run
+from tests.conftest import SHORT_RUN, losses, run_train
 
 
 def cache_cfg(corpus, out, **kw) -> PreprocessConfig:
@@ -108,19 +109,11 @@ def test_size_defaults_to_the_encoders_image_size(tmp_path):
     assert load_config(PreprocessConfig, values=inputs).size == 224
 
 
-def test_trainer_consumes_the_real_feature_cache(ray_local, tmp_path):
+def test_trainer_consumes_the_real_feature_cache(ray_local, frame_corpus, short_frames_run, tmp_path):
     """Shards from ``--cache-features`` train like the frame shards of the same clips (fp16 cache)."""
-    from tests.conftest import build_corpus
-    from tests.test_train import losses, run_train
-
-    corpus = build_corpus(tmp_path / "c", good=8, bad=False)
-    common = {"size": 56, "samples_per_shard": 2}
-    inputs = {"annotations": corpus["annotations"], "videos": corpus["videos"]}
-    frames = load_config(PreprocessConfig, values={**inputs, "output": str(tmp_path / "frames"), **common})
-    cached = cache_cfg(corpus, tmp_path / "cached", **common)
-    assert run(frames)["ok"] == run(cached)["ok"] == 8
-    args = ["max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0"]
-    run_train(1, f"data.shards={tmp_path / 'cached'}", f"run_dir={tmp_path / 'rc'}", *args)
-    run_train(1, f"data.shards={tmp_path / 'frames'}", f"run_dir={tmp_path / 'rf'}", *args)
-    c, f = losses(tmp_path / "rc"), losses(tmp_path / "rf")
+    # short_frames_run trained on the frame shards of frame_corpus (size 56, 2 per shard)
+    cached = cache_cfg(frame_corpus, tmp_path / "cached", samples_per_shard=2)
+    assert run(cached)["ok"] == 8
+    run_train(1, f"data.shards={tmp_path / 'cached'}", f"run_dir={tmp_path / 'rc'}", *SHORT_RUN)
+    c, f = losses(tmp_path / "rc"), losses(short_frames_run)
     assert sorted(c) == [1, 2, 3] and all(abs(c[s] - f[s]) < 5e-3 for s in c), (c, f)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,37 +28,15 @@ from pipeline.prompts import prepare_tokenizer
 from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer, write_tiny_llm
-from tests.conftest import BAD_ROWS, build_corpus, unwritable_folder
+from tests.conftest import BAD_ROWS, REPO, run_train, train_env, unwritable_folder
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "stage1_tiny.yaml"
 STEPS = 30
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture(scope="module")
-def data(ray_local, tmp_path_factory):
-    """6 good clips + one row of every failure class -> webdataset shards of 56 px frames."""
-    from preprocess.config import PreprocessConfig
-    from preprocess.job import run
-
-    root = tmp_path_factory.mktemp("infer_data")
-    corpus = build_corpus(root / "corpus", good=6, bad=True)
-    cfg = PreprocessConfig(
-        annotations=corpus["annotations"],
-        videos=corpus["videos"],
-        output=str(root / "shards"),
-        size=tiny().image_size,
-        samples_per_shard=4,
-        workers=2,
-    )
-    assert run(cfg)["ok"] == 6
-    return {"videos": Path(corpus["videos"]) / "000001_000050", "shards": root / "shards"}
+def data(corpus, corpus_shards):
+    """6 good clips + one row of every failure class -> webdataset shards of 56 px frames (conftest)."""
+    return {"videos": Path(corpus["videos"]) / "000001_000050", "shards": corpus_shards}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +45,7 @@ def run_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("infer_run") / "run"
     args = [f"data.shards={data['shards']}", f"run_dir={out}", f"max_steps={STEPS}", "save_every=10"]
     args += ["optim.init_lr=5e-3", "data.workers=1", f"eval.shards={data['shards']}", "eval.every=10"]
-    cmd = [sys.executable, str(REPO / "cli.py"), "train", "--config", str(TINY), *args]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_train(1, *args)
     return out
 
 
@@ -280,7 +255,7 @@ def test_chat_answers_every_piped_question(data, run_dir):
     cmd = [sys.executable, str(REPO / "cli.py"), "chat", str(run_dir), str(data["videos"] / "10001.mp4")]
     cmd += ["--greedy", "--max-new-tokens", "8"]
     p = subprocess.run(
-        cmd, cwd=REPO, env=_env(), input=questions, capture_output=True, text=True, timeout=120
+        cmd, cwd=REPO, env=train_env(), input=questions, capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 0, p.stderr[-3000:]
     answers = [ln for ln in p.stdout.splitlines() if ln.startswith("ASSISTANT:")]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +23,12 @@ from pipeline.sample_data import write_clip
 from pipeline.shards import inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
+from tests.conftest import REPO, losses, run_train
 from tests.test_prompts import expected
-from tests.test_train import _env, losses, run_train
 from train.config import TrainConfig
 from train.data import CAPTION_INSTRUCTIONS, TrainStream, make_loader, shard_counts
 from train.engine import build_model, weights_checksum
 
-REPO = Path(__file__).resolve().parents[1]
 STAGE2_TINY = REPO / "configs" / "stage2_tiny.yaml"
 IMG = IMAGE_PATCH_TOKEN * 32
 SYS = "<<SYS>>\n \n<</SYS>>\n\n"
@@ -365,9 +362,7 @@ def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
     fresh = VideoLLaMA(tiny()).trainable_state_dict()
     assert not torch.equal(fresh["llama_proj.weight"], export_sd["llama_proj.weight"])
 
-    cmd = [sys.executable, str(REPO / "cli.py"), "train", "--config", str(STAGE2_TINY), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = run_train(1, *args, config=STAGE2_TINY)
     assert "init_from" in proc.stdout and "loaded" in proc.stdout
     started = json.loads((stage2 / "init_from.json").read_text())
     assert started["checksum"] == weights_checksum(export_sd) != weights_checksum(fresh)

@@ -25,62 +25,16 @@ from pipeline.prompts import prepare_tokenizer
 from pipeline.shards import ShardWriter, inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
-from tests.conftest import build_corpus
+from tests.conftest import REPO, SHORT_RUN, TINY, losses, run_train, train_cmd, train_env
 from train.config import OptimConfig, TrainConfig
 from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
 from train.engine import ds_config, lr_at, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "stage1_tiny.yaml"
-
-
-def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def train_cmd(nproc: int, *overrides: str) -> list[str]:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    return [*launcher, str(REPO / "cli.py"), "train", "--config", str(TINY), *overrides]
-
-
-def run_train(nproc: int, *overrides: str, env=None, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        train_cmd(nproc, *overrides), cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=300
-    )
-    if check and p.returncode != 0:
-        raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
 
 @pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory):
-    """8 clips -> 4 webdataset shards of 8 frames at the tiny preset's 56 px, by the real job."""
-    from preprocess.config import PreprocessConfig
-    from preprocess.job import run
-
-    root = tmp_path_factory.mktemp("train_data")
-    corpus = build_corpus(root / "corpus", good=8, bad=False)
-    out = root / "shards"
-    cfg = PreprocessConfig(
-        annotations=corpus["annotations"],
-        videos=corpus["videos"],
-        output=str(out),
-        size=tiny().image_size,
-        samples_per_shard=2,
-        workers=2,
-    )
-    assert run(cfg)["ok"] == 8
-    return out
+def shards(frame_shards):
+    """8 clips -> 4 webdataset shards of 8 frames at the tiny preset's 56 px (conftest, once per session)."""
+    return frame_shards
 
 
 def write_feature_shards(frames_dir: Path, out: Path, fingerprint: str | None = None) -> Path:
@@ -306,7 +260,7 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=_env(),
+        env=train_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -326,18 +280,11 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
     assert diff <= 1e-6, (killed_at, diff)
 
 
-def test_cached_features_from_arrow_shards_train_like_frames(shards, tmp_path):
+def test_cached_features_from_arrow_shards_train_like_frames(shards, short_frames_run, tmp_path):
     feats = write_feature_shards(shards, tmp_path / "feats")
-    common = [
-        "max_steps=3",
-        "save_every=100",
-        "tracking=false",
-        "optim.warmup_steps=0",
-        "data.random_crop=false",
-    ]
+    common = SHORT_RUN  # as short_frames_run, which trained on the frames of these shards
     run_train(1, f"data.shards={feats}", f"run_dir={tmp_path / 'f'}", *common)
-    run_train(1, f"data.shards={shards}", f"run_dir={tmp_path / 'v'}", *common)
-    f, v = losses(tmp_path / "f"), losses(tmp_path / "v")
+    f, v = losses(tmp_path / "f"), losses(short_frames_run)
     assert all(abs(f[s] - v[s]) < 5e-3 for s in (1, 2, 3)), (f, v)  # fp16 cache vs fp32 encoder output
     mixed = f"data.datasets=[{{shards: {feats}, weight: 1}}, {{shards: {feats}, weight: 3}}]"
     run_train(1, mixed, "data.shards=null", f"run_dir={tmp_path / 'm'}", *common)
@@ -385,7 +332,7 @@ def test_mlflow_server_receives_the_run(shards, tmp_path):
             f"run_dir={run_dir}",
             "max_steps=4",
             "save_every=2",
-            env=_env(MLFLOW_TRACKING_URI=uri),
+            env=train_env(MLFLOW_TRACKING_URI=uri),
         )
         assert not (run_dir / "mlflow.db").exists()
         from mlflow.tracking import MlflowClient
