@@ -178,12 +178,16 @@ def preprocess(corpus: dict, out: Path, **values) -> dict:
     return run(load_config(PreprocessConfig, values={**inputs, "size": TINY_SIZE, **values}))
 
 
+def _shards(factory, name: str, corpus: dict, per_shard: int, ok: int) -> Path:
+    out = factory.mktemp(name) / "shards"
+    assert preprocess(corpus, out, samples_per_shard=per_shard, workers=2)["ok"] == ok
+    return out
+
+
 @pytest.fixture(scope="session")
 def corpus_shards(ray_local, corpus, tmp_path_factory) -> Path:
     """The session corpus (6 good clips + one row of every failure class) -> webdataset shards of 4."""
-    out = tmp_path_factory.mktemp("corpus_shards") / "shards"
-    assert preprocess(corpus, out, samples_per_shard=4, workers=2)["ok"] == 6
-    return out
+    return _shards(tmp_path_factory, "corpus_shards", corpus, per_shard=4, ok=6)
 
 
 @pytest.fixture(scope="session")
@@ -195,9 +199,7 @@ def frame_corpus(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def frame_shards(ray_local, frame_corpus, tmp_path_factory) -> Path:
     """``frame_corpus`` -> 4 webdataset shards of 2 clips, 8 frames each, by the real job."""
-    out = tmp_path_factory.mktemp("frame_shards") / "shards"
-    assert preprocess(frame_corpus, out, samples_per_shard=2, workers=2)["ok"] == 8
-    return out
+    return _shards(tmp_path_factory, "frame_shards", frame_corpus, per_shard=2, ok=8)
 
 
 @pytest.fixture(scope="session")
