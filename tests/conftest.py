@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -145,16 +146,27 @@ def train_cmd(nproc: int, *overrides: str, config: Path = TINY) -> list[str]:
 
 
 def run_train(
-    nproc: int, *overrides: str, config: Path = TINY, env=None, check: bool = True
+    nproc: int, *overrides: str, config: Path = TINY, env=None, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        train_cmd(nproc, *overrides, config=config),
+    """Train in a new process group, so a timeout kills torchrun's ranks too, not only the launcher (left
+    running, they would slow every later test)."""
+    cmd = train_cmd(nproc, *overrides, config=config)
+    with subprocess.Popen(
+        cmd,
         cwd=REPO,
         env=env or train_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
-    )
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
