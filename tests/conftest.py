@@ -21,7 +21,13 @@ TINY = REPO / "configs" / "stage1_tiny.yaml"
 TINY_SIZE = 56  # the tiny preset's image size: shards for it are preprocessed at this size
 # 3 steps without warm-up or tracking: enough to compare two inputs step by step
 # no training-time crop: runs on frames and on cached features of the same clips must agree
-SHORT_RUN = ("max_steps=3", "save_every=100", "tracking=false", "optim.warmup_steps=0", "data.random_crop=false")
+SHORT_RUN = (
+    "max_steps=3",
+    "save_every=100",
+    "tracking=false",
+    "optim.warmup_steps=0",
+    "data.random_crop=false",
+)
 
 
 @pytest.fixture(scope="session")

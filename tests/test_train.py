@@ -364,7 +364,7 @@ def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     proc = subprocess.Popen(
         train_cmd(1, *args, f"run_dir={run_dir}"),
         cwd=REPO,
-        env=_env(),
+        env=train_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
