@@ -416,16 +416,23 @@ class _Payload:
 
 
 def test_hostile_or_garbage_pth_is_one_line_and_never_advises_unsafe_loading(tmp_path):
-    import os
     import pickle
+    import random
 
     marker = tmp_path / "code_ran"
     hostile = tmp_path / "hostile.pth"
     torch.save({"model": {"llama_proj.weight": torch.zeros(2, 2)}, "x": _Payload(str(marker))}, hostile)
     raw_pickle = tmp_path / "raw_pickle.pth"
     raw_pickle.write_bytes(pickle.dumps(_Payload(str(marker))))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(os.urandom(4096))
+    garbage = {}  # seeded random bytes that torch.load fails on in four different ways
+    for seed, error in (
+        (0, "UnpicklingError"),
+        (2, "IndexError"),
+        (20, "KeyError"),
+        (195, "UnicodeDecodeError"),
+    ):
+        garbage[seed] = tmp_path / f"garbage_{error}.pth"
+        garbage[seed].write_bytes(random.Random(seed).randbytes(4096))
     empty = tmp_path / "empty.pth"
     empty.touch()
     not_sd = tmp_path / "list.pth"
@@ -433,7 +440,7 @@ def test_hostile_or_garbage_pth_is_one_line_and_never_advises_unsafe_loading(tmp
     cases = {
         hostile: "not loadable safely",
         raw_pickle: "not loadable safely",
-        garbage: "not a Video-LLaMA/LAVIS checkpoint",
+        **{path: "not a Video-LLaMA/LAVIS checkpoint" for path in garbage.values()},
         empty: "not a Video-LLaMA/LAVIS checkpoint",
         not_sd: "not a Video-LLaMA/LAVIS checkpoint",
     }
