@@ -27,7 +27,7 @@ from pipeline.config import ConfigError
 from pipeline.generate import GenerationConfig, caption_features
 from pipeline.model import clip_from_frames
 from pipeline.prompts import caption_sample, collate
-from pipeline.shards import first_view, list_shards, read_shard
+from pipeline.shards import batches, first_view, list_shards, read_shard
 
 
 def iter_samples(
@@ -44,17 +44,6 @@ def iter_samples(
             if n % world == rank:
                 yield s
             n += 1
-
-
-def batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for s in samples:
-        chunk.append(s)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @torch.no_grad()

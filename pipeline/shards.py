@@ -347,3 +347,15 @@ def _check_features(x: np.ndarray, encoder: str | None, num_frames: int, mcfg, k
             f"the {where} were cached with another frozen encoder (fingerprint {theirs}, this model "
             f"{mcfg.encoder_fingerprint()}): rebuild the feature cache or use the same encoder config"
         )
+
+
+def batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter); itertools.batched needs 3.12."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.shards import batches
 from preprocess.config import PreprocessConfig
 from preprocess.steps import finish_shard
 
@@ -76,7 +77,7 @@ class ShardEncoder:
     def encode_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Staged samples -> samples with ``features`` (and frames unless ``keep_frames`` is off)."""
         cfg, fc = self.cfg, self.cfg.features
-        for batch in _batches(samples, fc.batch_size):
+        for batch in batches(samples, fc.batch_size):
             frames = np.stack([self.view_frames(s) for s in batch])
             views = frames.shape[1] if cfg.views > 1 else None
             if views:  # [N, K, T, ...] -> [N*K, T, ...] and back
@@ -96,14 +97,3 @@ class ShardEncoder:
             if ready:
                 finish_shard(self.cfg, int(shard), int(units), str(digest), transform=self.encode_samples)
         return {**batch, "encoder": np.array([self.identity] * len(batch["shard"]))}
-
-
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
