@@ -79,7 +79,7 @@ def make_sample(
 @click.option(
     "--output", required=True, type=click.Path(file_okay=False), help="Hugging Face folder to write"
 )
-@click.option("--steps", type=int, help="training steps [400]")
+@click.option("--steps", type=int, help="training steps [800]")
 @click.option("--seed", type=int, help="[0]")
 @click.argument("overrides", nargs=-1)
 def tiny_llm(overrides, **flags) -> None:
@@ -98,6 +98,36 @@ def tiny_llm(overrides, **flags) -> None:
     except ConfigError as e:
         _fail(e)
     click.echo(format_report(report))
+
+
+@main.command("tiny-encoder")
+@click.option(
+    "--output", required=True, type=click.Path(file_okay=False), help="BLIP-2-style folder to write"
+)
+@click.option("--steps", type=int, help="training steps [1200]")
+@click.option("--seed", type=int, help="[0]")
+@click.argument("overrides", nargs=-1)
+def tiny_encoder(overrides, **flags) -> None:
+    """Train the tiny preset's frozen ViT + image Q-Former briefly (a CLIP stand-in; a minute on a CPU).
+
+    Use it as features.blip2_path=OUTPUT when caching features with --encoder tiny; training from that
+    cache takes the same encoder from it.
+    """
+    from pipeline.tiny_encoder import TinyEncoderConfig, run
+
+    try:
+        cfg = load_config(
+            TinyEncoderConfig, None, list(overrides), values={k: v for k, v in flags.items() if v is not None}
+        )
+        report = run(cfg)
+    except ConfigError as e:
+        _fail(e)
+    h = report["heldout"]
+    click.echo(
+        f"tiny encoder: loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}; on {h['scenes']} new "
+        f"scenes: shape {h['shape_accuracy']:.1%}, centre error {h['centre_error']:.1%} of the frame, colour "
+        f"error {h['colour_error']:.1f}/255\n  written to {cfg.output} (features.blip2_path=...)"
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": False})

@@ -127,6 +127,7 @@ def tiny() -> ModelConfig:
     """A few-hundred-thousand-parameter model with the same structure, for CPU tests and smoke runs."""
     return ModelConfig(
         image_size=56,
+        patch_size=7,  # 8x8 patches: a shape in a 56 px frame spans several, so where it is survives
         vision_width=64,
         vision_layers=2,
         vision_heads=4,
@@ -291,6 +292,11 @@ def vision_for_device(parts: nn.Module, device: torch.device | str) -> None:
 @torch.no_grad()
 def encode_frames(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
     """ViT + ln_vision + image Q-Former of ``parts`` (a VideoLLaMA or a FrozenEncoder) on a clip."""
+    return frame_features(parts, clip)
+
+
+def frame_features(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """``encode_frames`` with gradients (only ``pipeline.tiny_encoder`` trains the frozen part)."""
     b, c, t, h, w = clip.shape
     frames = clip.transpose(1, 2).reshape(b * t, c, h, w)
     frames = frames.to(parts.visual_encoder.embeddings.patch_embedding.weight.dtype)

@@ -310,7 +310,7 @@ def grounded_frames(clip: GroundedClip, total: int, width: int, height: int) -> 
     blocks = rng.normal(0, 28, size=(height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
     fine = rng.normal(0, 12, size=(height, width, 3))
     background = np.clip(grey + blocks[:height, :width] + fine, 0, 255).astype(np.uint8)
-    half = int(height * rng.uniform(0.13, 0.19))  # 44-64 px at 336
+    half = int(height * rng.uniform(0.2, 0.28))  # 67-94 px at 336: 11-16 px of a 56 px frame
     mask = shape_mask(clip.shape, half)
     first, last = grounded_path(clip.direction, half, width, height, rng)
     colour = np.array(grounded.COLOURS[clip.colour], dtype=np.uint8)

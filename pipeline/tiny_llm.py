@@ -54,7 +54,7 @@ MIX = (0.4, 0.15, 0.15, 0.3)  # share of each kind of training sequence
 class TinyLLMConfig:
     annotations: str = ""
     output: str = ""
-    steps: int = 400
+    steps: int = 800
     seed: int = 0
     batch_size: int = 32
     lr: float = 3e-3

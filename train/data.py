@@ -34,7 +34,9 @@ due from worker ``n % workers``: a restarted loader rotates worker ids by that o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from pipeline.prompts import (
     conversation_sample,
     frame_times_message,
 )
-from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
+from pipeline.shards import CONFIG_FILE, INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
 # Questions for caption-only samples in conversation training (the wording of the original's
 # prompts/alignment_image.txt, which MiniGPT-4 also used for cc_sbu_align; videos: the same, of a video).
@@ -95,6 +97,31 @@ def shard_counts(folder: str | Path) -> list[tuple[str, int]]:
                 ok[r["shard"]] = ok.get(r["shard"], 0) + 1
         return [(str(p), ok.get(p.name, 0)) for p in shards]
     return [(str(p), sum(1 for _ in read_shard(p))) for p in shards]
+
+
+ENCODER_PATHS = ("blip2_path", "eva_vit_path", "qformer_lavis_path")
+
+
+def adopt_cached_encoder(mcfg: ModelConfig, folders: list[str]) -> ModelConfig:
+    """The frozen-encoder weight paths the feature cache was made with, when the model names none.
+
+    Features are the encoder's output, so a cache made with ``features.blip2_path=X`` (e.g. the tiny
+    preset's trained encoder, ``cli.py tiny-encoder``) trains a model whose encoder is X: the run's
+    model.yaml then names X, and captioning raw videos later runs that same encoder. Paths that differ
+    between caches are left alone (the encoder checks refuse the mix)."""
+    if any(getattr(mcfg, k) for k in ENCODER_PATHS):
+        return mcfg
+    found = set()
+    for folder in folders:
+        path = Path(folder) / CONFIG_FILE
+        features = (
+            json.loads(path.read_text()).get("config", {}).get("features", {}) if path.is_file() else {}
+        )
+        if features.get("enabled"):
+            found.add(tuple(features.get(k) for k in ENCODER_PATHS))
+    if len(found) != 1 or not any(paths := found.pop()):
+        return mcfg
+    return dataclasses.replace(mcfg, **dict(zip(ENCODER_PATHS, paths, strict=True)))
 
 
 def check_encoder_weights(folders: list[str], weights_hash: str) -> None:

@@ -42,7 +42,14 @@ from pipeline.rundir import CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards
 from pipeline.tracking import git_commit, make_tracker
 from train.config import TrainConfig, check_rerun
-from train.data import TrainStream, check_encoder_weights, check_error_budget, make_loader, shard_counts
+from train.data import (
+    TrainStream,
+    adopt_cached_encoder,
+    check_encoder_weights,
+    check_error_budget,
+    make_loader,
+    shard_counts,
+)
 from train.engine import (
     REPO,
     build_engine,
@@ -62,7 +69,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Set up (data, process group, model, engine, resume), train to ``max_steps``, finish."""
     check_rerun(cfg, cfg.run_dir)  # before anything else: a rerun with other settings is refused
     check_writable(cfg.run_dir, "run_dir")  # one line now, not a traceback at the first checkpoint
-    mcfg = cfg.model
+    mcfg = adopt_cached_encoder(cfg.model, [s.shards for s in cfg.data.specs()])
     datasets, kind = check_data(cfg, mcfg)  # before the process group: a config error is one line per rank
     info = distributed.init()
     rank, world, main = info.rank, info.world_size, info.is_main

@@ -1,0 +1,102 @@
+"""Stage 1 *learns*: the grounded corpus -> tiny LLM + tiny encoder -> feature cache -> training with the
+shipped configs/stage1_tiny.yaml -> greedy captions of held-out clips name what the clips show.
+
+One pipeline run (module fixture, all through cli.py as a user runs it) serves every assertion. The
+targets are the issue's: colour >= 95 %, direction >= 85 %, shape >= 75 %, all three >= 60 % on held-out
+clips; features shuffled across clips drop to about chance; reversed frames flip the direction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.sample_data import make_grounded_sample
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 0, f"cli.py {' '.join(args)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learning")
+    corpus = make_grounded_sample(root / "corpus", faults=True, workers=2)
+    cli("tiny-llm", "--annotations", corpus["train"], "--output", str(root / "llm"))
+    cli("tiny-encoder", "--output", str(root / "encoder"))
+    for split in ("train", "heldout"):
+        cli(
+            "preprocess", "--annotations", corpus[split], "--videos", corpus["videos"],
+            "--output", str(root / f"{split}_shards"), "--size", "56", "--samples-per-shard", "64",
+            "--cache-features", "--encoder", "tiny", f"features.blip2_path={root / 'encoder'}",
+        )  # fmt: skip
+    t0 = time.monotonic()
+    cli(
+        "train", "--config", str(REPO / "configs" / "stage1_tiny.yaml"), f"data.shards={root / 'train_shards'}",
+        f"run_dir={root / 'run'}", f"model.llm_path={root / 'llm'}",
+    )  # fmt: skip
+    train_seconds = time.monotonic() - t0
+    cli("grounded-eval", str(root / "run"), str(root / "heldout_shards"), "--output", str(root / "eval"))
+    return {
+        "root": root,
+        "llm": json.loads((root / "llm" / "tiny_llm.json").read_text()),
+        "eval": json.loads((root / "eval" / "grounded_eval.json").read_text()),
+        "train_seconds": train_seconds,
+    }
+
+
+def test_the_tiny_llm_reads_its_context(learned):
+    r = learned["llm"]
+    assert r["loss_filler_prefix"] > 0.4  # the grammar alone cannot tell colour, shape and direction
+    assert r["loss_informative_prefix"] < 0.2 * r["loss_filler_prefix"]
+
+
+def test_every_row_is_accounted_for(learned):
+    summary = json.loads((learned["root"] / "train_shards" / "summary.json").read_text())
+    assert (summary["total"], summary["ok"], summary["failed"]) == (264 + 3, 264, 3)
+
+
+def test_held_out_captions_name_colour_shape_and_direction(learned):
+    a = learned["eval"]["heldout"]["all"]
+    assert a["clips"] == 56
+    assert a["colour"] >= 0.95 and a["direction"] >= 0.85 and a["shape"] >= 0.75 and a["all"] >= 0.60, a
+
+
+def test_shuffled_features_drop_to_chance_and_reversed_frames_flip_the_direction(learned):
+    r = learned["eval"]
+    s = r["shuffled"]
+    # the captions follow the features they were given, not the clip they belong to
+    assert s["all"] <= s["chance"]["all"] + 0.1 and s["follows_features"] >= 0.5, s
+    assert r["reversed"]["direction_flipped"] >= 0.6 and r["reversed"]["colour_kept"] >= 0.9, r["reversed"]
+
+
+def test_caption_shards_gives_the_evaluated_captions(learned):
+    root = learned["root"]
+    out = root / "captions.jsonl"
+    cli(
+        "caption-shards",
+        str(root / "run"),
+        str(root / "heldout_shards"),
+        "--output",
+        str(out),
+        "--greedy",
+        "--workers",
+        "2",
+    )
+    got = {json.loads(line)["key"]: json.loads(line)["caption"] for line in out.read_text().splitlines()}
+    evaluated = [
+        json.loads(line) for line in (root / "eval" / "grounded_captions.jsonl").read_text().splitlines()
+    ]
+    assert {r["key"]: r["caption"] for r in evaluated} == got
