@@ -2,8 +2,8 @@
 # `make demo`: the pipeline as a user runs it, on a corpus a model can learn, ending with the proof.
 #
 #   grounded corpus (a coloured shape moving over noise, "a red square moves left"; train + held-out
-#   splits, faulty rows) -> tiny LLM trained on the spot -> Ray Data preprocessing with the tiny frozen
-#   encoder's feature cache (captions and VideoChat conversations) -> DeepSpeed stage 1 -> held-out
+#   splits, faulty rows) -> tiny LLM and tiny image encoder (a CLIP stand-in) trained on the spot -> Ray
+#   Data preprocessing with that frozen encoder's feature cache (captions and VideoChat conversations) -> DeepSpeed stage 1 -> held-out
 #   accuracy per factor + two ablations -> stage 2 on the conversations -> chat -> HTML/PNG report.
 #
 # Each command is printed with its time; its output goes to DEMO/logs/NAME.log. The last screen is the
@@ -30,13 +30,15 @@ step() {  # step NAME COMMAND...: run, log, print the time (or the log's tail on
 rm -rf "$DEMO" && mkdir -p "$DEMO/logs"
 step corpus $PY cli.py make-sample --grounded --faults --output "$G"
 step tiny-llm $PY cli.py tiny-llm --annotations "$G/train/annotations" --output "$DEMO/tiny_llm"
+step tiny-encoder $PY cli.py tiny-encoder --output "$DEMO/tiny_encoder"
+ENC="features.blip2_path=$DEMO/tiny_encoder"
 for split in train heldout; do
     step "preprocess-$split" $PY cli.py preprocess --annotations "$G/$split/annotations" --videos "$G/videos" \
-        --output "$DEMO/${split}_shards" --samples-per-shard 64 --cache-features --encoder tiny
+        --output "$DEMO/${split}_shards" --samples-per-shard 64 --cache-features --encoder tiny "$ENC"
 done
 step preprocess-videochat $PY cli.py preprocess --dataset videochat --annotations "$G/train/videochat.json" \
     --videos "$G/videos" --output "$DEMO/videochat_shards" --samples-per-shard 64 --cache-features \
-    --encoder tiny
+    --encoder tiny "$ENC"
 step stage1-train $PY cli.py train --config configs/stage1_tiny.yaml "data.shards=$DEMO/train_shards" \
     "run_dir=$DEMO/run" "model.llm_path=$DEMO/tiny_llm"
 step stage1-eval $PY cli.py grounded-eval "$DEMO/run" "$DEMO/heldout_shards" --output "$DEMO/eval"

@@ -23,6 +23,7 @@ TINY_SIZE = 56  # the tiny preset's image size: shards for it are preprocessed a
 # no training-time crop: runs on frames and on cached features of the same clips must agree
 SHORT_RUN = (
     "max_steps=3",
+    "micro_batch=2",  # the shipped config's 16 is for the 264-clip grounded corpus
     "save_every=100",
     "tracking=false",
     "optim.warmup_steps=0",

@@ -116,7 +116,7 @@ def train_job(preprocess_job, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_train")
     run_dir = root / "run"
     args = ["configs/stage1_tiny.yaml", f"data.shards={preprocess_job['out']}", f"run_dir={run_dir}"]
-    args += [f"max_steps={MAX_STEPS}", "save_every=1000", "log_every=50"]
+    args += [f"max_steps={MAX_STEPS}", "micro_batch=2", "save_every=1000", "log_every=50"]
     t0 = time.monotonic()
     job = submit("slurm/train.sbatch", args, root)
     log = run_dir / "logs" / f"slurm-{job}.log"
