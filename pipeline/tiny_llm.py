@@ -47,7 +47,8 @@ from pipeline.tiny import tiny_tokenizer
 PREFIX_SLOTS = 32  # the stage-1 prompt's video block: [BOS] + 32 video tokens, then the caption
 FILLER_ID = 0  # <unk>: what the <ImageHere> placeholders are looked up as before being overwritten
 KINDS = ("informative", "filler", "plain", "conversation")
-MIX = (0.4, 0.15, 0.15, 0.3)  # share of each kind of training sequence
+MIX = (0.3, 0.125, 0.125, 0.45)  # share of each kind (with 0.3 conversations it never learned to read
+# the colour for "What colour is the shape?": 23 % of held-out answers right, vs 100 % with 0.45)
 
 
 @dataclass
@@ -103,10 +104,13 @@ def read_captions(path: str) -> list[dict[str, str]]:
     return rows
 
 
-def conversation_turns(row: dict[str, str], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """One stage-2 question and its answer: describe the video, or (grounded rows) one factor."""
+def conversation_turns(
+    row: dict[str, str], rng: np.random.Generator, kind: str | None = None
+) -> list[tuple[str, str]]:
+    """One stage-2 question and its answer: describe the video, or (grounded rows) one factor; a random
+    one unless ``kind`` names it."""
     asked = [k for k in grounded.QUESTIONS if k == "caption" or k in row]
-    k = asked[int(rng.integers(len(asked)))]
+    k = kind or asked[int(rng.integers(len(asked)))]
     return [(grounded.QUESTIONS[k], row["caption"] if k == "caption" else row[k])]
 
 
@@ -137,12 +141,12 @@ class SequenceBuilder:
         head = [self.bos, *(prefix or [])]
         return Encoded(head + text, [IGNORE_INDEX] * len(head) + text)
 
-    def conversation(self, row: dict[str, str], rng: np.random.Generator) -> Encoded:
+    def conversation(self, row: dict[str, str], rng: np.random.Generator, kind: str | None = None) -> Encoded:
         """A Vicuna or LLaMA-2 conversation whose ``<Video>`` block holds the informative prefix."""
         template = "vicuna" if rng.random() < 0.5 else "llama2"
         times = np.sort(rng.uniform(0, rng.uniform(5, 20), size=8))
         mark = "\x00"
-        q, a = conversation_turns(row, rng)[0]
+        q, a = conversation_turns(row, rng, kind)[0]
         text, _ = render_conversation(
             [(f"<Video>{mark}</Video> {frame_times_message(times)}{q}", a)], template
         )
@@ -249,13 +253,35 @@ def train_llm(
     return losses
 
 
+@torch.no_grad()
+def answer_accuracy(model, builder: SequenceBuilder, rows, kind: str, rng) -> float:
+    """Share of held-out conversations (informative prefix) whose greedy next-token answer to question
+    ``kind`` starts with the right words: the LLM reads the fact it is asked for out of its context."""
+    model.eval()
+    right = 0
+    for row in rows:
+        e = builder.conversation(row, rng, kind)
+        ids = torch.tensor([e.input_ids])
+        answer_at = [i for i, label in enumerate(e.labels) if label != IGNORE_INDEX]
+        guess = model(ids).logits[0, [i - 1 for i in answer_at]].argmax(-1)
+        text = builder.tok.decode(guess).replace("[/INST]", "###Assistant:").split("###Assistant:")[-1]
+        right += text.strip().startswith(grounded.answer(kind, row["colour"], row["shape"], row["direction"]))
+    model.train()
+    return right / len(rows)
+
+
 def heldout_report(model, builder: SequenceBuilder, rows, rng) -> dict[str, float]:
     """Held-out caption loss with an informative prefix vs an all-filler one (the grammar-only floor),
     and the perplexity of the plain captions."""
     informative = mean_loss(model, [builder.sample(r, "informative", rng) for r in rows])
     filler = mean_loss(model, [builder.sample(r, "filler", rng) for r in rows])
     plain = mean_loss(model, [builder.sample(r, "plain", rng) for r in rows])
+    grounded_rows = [r for r in rows if all(f in r for f in grounded.FACTORS)]
+    answers = {
+        k: answer_accuracy(model, builder, grounded_rows, k, rng) for k in grounded.QUESTIONS if grounded_rows
+    }
     return {
+        "answer_accuracy": answers,
         "heldout_captions": len(rows),
         "perplexity": math.exp(plain),
         "loss_plain": plain,
@@ -300,5 +326,12 @@ def format_report(r: dict) -> str:
         f"  held-out ({r['heldout_captions']} captions): perplexity {r['perplexity']:.2f}; caption loss "
         f"{r['loss_filler_prefix']:.3f} with an all-filler prefix (grammar only) vs "
         f"{r['loss_informative_prefix']:.3f} with an informative prefix: it reads its context\n"
-        f"  written to {r['config']['output']} (model.llm_path=...)"
+        + (
+            "  held-out questions answered from the prefix: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in r["answer_accuracy"].items())
+            + "\n"
+            if r.get("answer_accuracy")
+            else ""
+        )
+        + f"  written to {r['config']['output']} (model.llm_path=...)"
     )
