@@ -90,7 +90,9 @@ def test_only_trainable_params_optimised_with_decay_on_matrices():
 
 
 def test_ds_config_batch_sizes_from_typed_config(tmp_path):
-    cfg = load_config(TrainConfig, TINY, [f"data.shards={tmp_path}", "micro_batch=3", "grad_accum=4"])
+    cfg = load_config(
+        TrainConfig, TINY, [f"data.shards={tmp_path}", "micro_batch=3", "grad_accum=4", "optim.grad_clip=1.0"]
+    )
     ds = ds_config(cfg, "bf16", world_size=8, on_gpu=True)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 4)
     assert ds["train_batch_size"] == 96 and ds["zero_optimization"]["stage"] == 2
@@ -385,7 +387,7 @@ def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     p = run_train(1, *args, f"run_dir={run_dir}", "optim.init_lr=0.5", "micro_batch=1", "seed=7", check=False)
     err = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and err.startswith("Error: run_dir") and "Traceback" not in p.stderr
-    assert "optim.init_lr: 0.001 -> 0.5" in err and "micro_batch: 2 -> 1" in err and "seed: 42 -> 7" in err
+    assert "optim.init_lr: 0.003 -> 0.5" in err and "micro_batch: 2 -> 1" in err and "seed: 42 -> 7" in err
     assert "only run_dir, max_steps" in err and (run_dir / "config.yaml").read_text() == config
 
     # a copy resumes (with an allowed change) into its own folder; the original is untouched
