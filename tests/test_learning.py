@@ -131,6 +131,8 @@ def test_caption_shards_gives_the_evaluated_captions(learned):
         "--output",
         str(out),
         "--greedy",
+        "--max-new-tokens",
+        "20",  # grounded-eval's cap: a clip whose caption runs on is cut at the same token
         "--workers",
         "2",
     )
