@@ -20,6 +20,7 @@ the same bytes as an uninterrupted run. The driver keeps O(shards) state: no per
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -219,7 +220,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     with ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         planning = pool.submit(_plan_and_import, cfg)
-        owns_ray = init_ray(cfg.ray_address, cfg.workers, cfg.object_store_mb)
+        owns_ray = init_ray(cfg.ray_address, local_cpus(cfg), cfg.object_store_mb)
         timing["ray_start_s"] = time.monotonic() - t0
         try:
             plans = planning.result()
@@ -258,6 +259,18 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     summary["timing"] = {k: round(v, 3) for k, v in timing.items()}
     write_json(summary, Path(cfg.output) / SUMMARY_FILE)
     return summary
+
+
+def local_cpus(cfg: PreprocessConfig) -> int:
+    """CPUs of a local Ray cluster: ``--workers`` decoding slots plus, with the feature cache, the
+    encoder actors' own ``features.num_cpus`` (an actor holds its CPUs for the whole job: with
+    ``--workers 1`` and one 1-CPU actor in a 1-CPU cluster no decoding task could ever start). Without
+    ``--workers``: every core, and at least one decoding slot beside the actors."""
+    fc = cfg.features
+    encoders = math.ceil(fc.concurrency * fc.num_cpus) if fc.enabled else 0
+    if cfg.workers:
+        return cfg.workers + encoders
+    return max(os.cpu_count() or 1, 1 + encoders)
 
 
 def _plan_and_import(cfg: PreprocessConfig) -> list[ShardPlan]:

@@ -117,3 +117,31 @@ def test_trainer_consumes_the_real_feature_cache(ray_local, frame_corpus, short_
     run_train(1, f"data.shards={tmp_path / 'cached'}", f"run_dir={tmp_path / 'rc'}", *SHORT_RUN)
     c, f = losses(tmp_path / "rc"), losses(short_frames_run)
     assert sorted(c) == [1, 2, 3] and all(abs(c[s] - f[s]) < 5e-3 for s in c), (c, f)
+
+
+def test_one_worker_with_the_encoder_gets_a_cpu_of_its_own(corpus, tmp_path):
+    """``--workers 1 --cache-features``: the encoder actor holds its CPU for the whole job, so a 1-CPU
+    local cluster could never start a decoding task (the job hung, idle, in the real-size rehearsal).
+    The local cluster gets the workers' CPUs plus the actors'."""
+    import json
+    import subprocess
+    import sys
+
+    from preprocess.job import local_cpus
+    from tests.conftest import REPO
+
+    cfg = cache_cfg(corpus, tmp_path / "o", workers=1)
+    assert local_cpus(cfg) == 2
+    assert (
+        local_cpus(load_config(PreprocessConfig, values={**vars(cfg), "features": {"enabled": False}})) == 1
+    )
+    assert local_cpus(cache_cfg(corpus, tmp_path / "o", workers=3, **{"features.concurrency": 2})) == 5
+    assert local_cpus(cache_cfg(corpus, tmp_path / "o")) >= 2  # all cores, at least one beside the actor
+
+    out = tmp_path / "one_worker"
+    cmd = [sys.executable, "cli.py", "preprocess", "--annotations", corpus["annotations"], "--videos"]
+    cmd += [corpus["videos"], "--output", str(out), "--workers", "1", "--cache-features", "--encoder", "tiny"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == sum(s == "ok" for _, s in corpus["expected"]) > 0
