@@ -248,20 +248,27 @@ def _table_cells(tables: Tables) -> list[list[str]]:
 
 
 def render_png(report: Report, width: int = 1200) -> Image.Image:
-    """The same content as one picture: tables and loss curve on top, then one line per clip."""
+    """The same content as one picture: tables and loss curve on top (the curve under the tables when
+    they are too wide to share the row), then one line per clip."""
     font = ImageFont.load_default(size=14)
     curve = Image.open(io.BytesIO(loss_curve_png(report.losses)))
     lines = [[report.title], *_table_cells(report.tables)]
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # one column width for every table: its widest header or value, at least 90 px
+    col_w = max([90.0] + [scratch.textlength(t, font=font) + 14 for cells in lines for t in cells[1:]])
+    table_w = 200 + col_w * max(len(cells) - 1 for cells in lines) + 10
+    text_h = 20 * len(lines) + 20
+    beside = table_w <= width - curve.width
+    top = max(curve.height, text_h) if beside else text_h + curve.height
     strip_h = max((c.strip.height for c in report.clips if c.strip is not None), default=0)
     row_h = max(strip_h, 40) + 10
-    top = max(curve.height, 20 * len(lines) + 20)
-    canvas = Image.new("RGB", (width, top + row_h * len(report.clips) + 10), "white")
+    canvas = Image.new("RGB", (max(width, int(table_w)), top + row_h * len(report.clips) + 10), "white")
     draw = ImageDraw.Draw(canvas)
     for i, cells in enumerate(lines):
-        for j, text in enumerate(cells):  # fixed columns: the font is proportional
-            x = 10 if j == 0 else 200 + 90 * j - draw.textlength(text, font=font)
+        for j, text in enumerate(cells):  # fixed columns, right-aligned: the font is proportional
+            x = 10 if j == 0 else 200 + col_w * j - draw.textlength(text, font=font)
             draw.text((x, 10 + 20 * i), text, fill="black", font=font)
-    canvas.paste(curve, (width - curve.width, 0))
+    canvas.paste(curve, (width - curve.width, 0) if beside else (10, text_h))
     for i, c in enumerate(report.clips):
         y = top + row_h * i
         x = 10

@@ -138,3 +138,26 @@ def test_cli_report_prints_both_paths(inputs):
     assert not (inputs["run"] / "mlflow.db").exists()
     bad = CliRunner().invoke(cli.main, [*args[:3], "--captions", "nope.jsonl"])
     assert bad.exit_code == 1 and "captions: 'nope.jsonl' does not exist" in bad.output
+
+
+def test_png_keeps_wide_tables_readable():
+    """A 7-column table (the ablations) is too wide to share the top row with the loss curve: the curve
+    goes under the tables instead of being pasted over their last columns, and long headers widen the
+    columns instead of overprinting each other."""
+    from PIL import ImageDraw, ImageFont
+
+    from infer.report import Report, loss_curve_png, render_png
+
+    losses = [(s, 5.0 / s) for s in range(1, 21)]
+    narrow = {"held-out": {"all clips": {"colour": 1.0, "shape": 0.9}}}
+    wide = {"ablations": {"frames reversed": {f"long column name {k}": 0.5 + k / 100 for k in range(7)}}}
+    curve = Image.open(io.BytesIO(loss_curve_png(losses)))
+    small = render_png(Report("t", [], narrow, losses))
+    big = render_png(Report("t", [], wide, losses))
+    assert small.height == curve.height + 10  # beside the two-column table, as before
+    assert big.height >= 20 * 3 + 20 + curve.height  # under the three text lines
+    font = ImageFont.load_default(size=14)
+    header = ImageDraw.Draw(big).textlength("long column name 6", font=font)
+    assert big.width >= 200 + 7 * (header + 14)  # every column as wide as its header
+    top = np.asarray(big.convert("L"))[: 20 * 3 + 20, big.width - curve.width :]
+    assert (top < 128).any()  # the last columns' text is there, not covered by the curve
