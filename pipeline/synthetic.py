@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.model import FrozenEncoder, ModelConfig, llama_config, torch_dtype
+from pipeline.weights import hf_blip2_name
 
 STD = 0.02
 SHARD_BYTES = 2 << 30
@@ -130,10 +131,7 @@ def write_blip2(out_dir: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         sd = FrozenEncoder(cfg).state_dict()
-    names = {
-        k: k.replace("visual_encoder.", "vision_model.", 1) if k.startswith("visual_") else k for k in sd
-    }
-    write_random_weights(((names[k], tuple(v.shape), v.dtype) for k, v in sd.items()), out, seed)
+    write_random_weights(((hf_blip2_name(k), tuple(v.shape), v.dtype) for k, v in sd.items()), out, seed)
     return out
 
 

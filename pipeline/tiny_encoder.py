@@ -36,6 +36,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.model import FrozenEncoder, ModelConfig, clip_from_frames, frame_features, tiny
+from pipeline.weights import hf_blip2_name
 
 KINDS = ("square", "circle", "triangle")
 TARGETS = ("x", "y", "size", "red", "green", "blue")  # regressed, all in [0, 1]
@@ -152,13 +153,10 @@ def heldout_scores(encoder: FrozenEncoder, head: nn.Linear, cfg: TinyEncoderConf
 
 
 def save_blip2_folder(encoder: FrozenEncoder, out: Path) -> None:
-    """Our names -> the Hugging Face BLIP-2 names (``vision_model.*``, ``qformer.*``, ``query_tokens``)."""
-    sd = {
-        ("vision_model." + k.removeprefix("visual_encoder.") if k.startswith("visual_encoder.") else k): v
-        for k, v in encoder.state_dict().items()
-    }
+    """The encoder's weights under their Hugging Face BLIP-2 names, as ``features.blip2_path`` loads them."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    sd = {hf_blip2_name(k): v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file(sd, str(out / "model.safetensors"))
 
 
 def run(cfg: TinyEncoderConfig) -> dict:

@@ -209,6 +209,12 @@ def _read_hf_tensors(directory: Path, wanted) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_blip2_name(key: str) -> str:
+    """Our frozen-encoder name -> the Hugging Face BLIP-2 name (``visual_encoder.`` is ``vision_model.``;
+    ``qformer.*`` and ``query_tokens`` are the same): what ``hf_blip2_encoder`` maps back."""
+    return "vision_model." + key.removeprefix("visual_encoder.") if key.startswith("visual_encoder.") else key
+
+
 def hf_blip2_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """ViT + ln_vision + Q-Former + query tokens from a Hugging Face BLIP-2 directory, in our names."""
     raw = _read_hf_tensors(Path(path), lambda k: k.startswith(("vision_model.", "qformer.", "query_tokens")))

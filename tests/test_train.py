@@ -482,3 +482,29 @@ def test_unwritable_run_dir_is_one_line_before_work(shards, tmp_path):
     cfg = load_config(TrainConfig, TINY, [f"data.shards={shards}", f"run_dir={blocker / 'run'}"])
     with pytest.raises(ConfigError, match=r"run_dir: cannot write in .*a_file/run"):
         run(cfg)
+
+
+def test_training_adopts_the_encoder_its_feature_cache_was_made_with(tmp_path):
+    """A cache made with features.blip2_path=X trains a model whose encoder is X (so captioning raw
+    videos later runs the same encoder); a model naming its own weights, or caches that disagree, are
+    left as they are."""
+    import dataclasses
+
+    from pipeline.model import tiny
+    from pipeline.shards import CONFIG_FILE
+    from train.data import adopt_cached_encoder
+
+    def cache(name: str, blip2: str | None) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        features = {"enabled": True, "blip2_path": blip2, "eva_vit_path": None, "qformer_lavis_path": None}
+        (folder / CONFIG_FILE).write_text(json.dumps({"config": {"features": features}}))
+        return str(folder)
+
+    a, b, other, random = cache("a", "/enc"), cache("b", "/enc"), cache("c", "/other"), cache("r", None)
+    assert adopt_cached_encoder(tiny(), [a, b]).blip2_path == "/enc"
+    own = dataclasses.replace(tiny(), blip2_path="/mine")
+    assert adopt_cached_encoder(own, [a]) is own
+    assert adopt_cached_encoder(tiny(), [a, other]).blip2_path is None
+    assert adopt_cached_encoder(tiny(), [random]).blip2_path is None
+    assert adopt_cached_encoder(tiny(), [str(tmp_path / "no_config")]).blip2_path is None

@@ -99,9 +99,6 @@ def shard_counts(folder: str | Path) -> list[tuple[str, int]]:
     return [(str(p), sum(1 for _ in read_shard(p))) for p in shards]
 
 
-ENCODER_PATHS = ("blip2_path", "eva_vit_path", "qformer_lavis_path")
-
-
 def adopt_cached_encoder(mcfg: ModelConfig, folders: list[str]) -> ModelConfig:
     """The frozen-encoder weight paths the feature cache was made with, when the model names none.
 
@@ -109,8 +106,9 @@ def adopt_cached_encoder(mcfg: ModelConfig, folders: list[str]) -> ModelConfig:
     preset's trained encoder, ``cli.py tiny-encoder``) trains a model whose encoder is X: the run's
     model.yaml then names X, and captioning raw videos later runs that same encoder. Paths that differ
     between caches are left alone (the encoder checks refuse the mix)."""
-    if any(getattr(mcfg, k) for k in ENCODER_PATHS):
+    if mcfg.has_encoder_weights:
         return mcfg
+    keys = list(mcfg.weight_paths())
     found = set()
     for folder in folders:
         path = Path(folder) / CONFIG_FILE
@@ -118,10 +116,10 @@ def adopt_cached_encoder(mcfg: ModelConfig, folders: list[str]) -> ModelConfig:
             json.loads(path.read_text()).get("config", {}).get("features", {}) if path.is_file() else {}
         )
         if features.get("enabled"):
-            found.add(tuple(features.get(k) for k in ENCODER_PATHS))
+            found.add(tuple(features.get(k) for k in keys))
     if len(found) != 1 or not any(paths := found.pop()):
         return mcfg
-    return dataclasses.replace(mcfg, **dict(zip(ENCODER_PATHS, paths, strict=True)))
+    return dataclasses.replace(mcfg, **dict(zip(keys, paths, strict=True)))
 
 
 def check_encoder_weights(folders: list[str], weights_hash: str) -> None:
