@@ -32,7 +32,7 @@ import numpy as np
 from infer.load import ModelSource, check_llm, resolve
 from pipeline.config import ConfigError, check_writable
 from pipeline.generate import GenerationConfig, caption_features
-from pipeline.raycluster import init_ray, quiet_actor_restart_warning
+from pipeline.raycluster import init_ray, quiet_actor_restart_warning, shutdown_ray
 from pipeline.shards import INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
 
 
@@ -224,8 +224,7 @@ def run(cfg: BatchCaptionConfig) -> dict[str, Any]:
                         flush=True,
                     )
         finally:
-            if owns:
-                ray.shutdown()
+            shutdown_ray(owns)
     return {
         "output": str(out),
         "captioned": resumed + new,

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, check_writable, to_dict
-from pipeline.raycluster import init_ray, quiet_actor_restart_warning
+from pipeline.raycluster import init_ray, quiet_actor_restart_warning, shutdown_ray
 from pipeline.shards import (
     CONFIG_FILE,
     ENCODER_FILE,
@@ -53,11 +53,12 @@ from pipeline.shards import (
 )
 from preprocess.config import PreprocessConfig
 from preprocess.plan import ShardPlan, check_inputs, write_plan
-from preprocess.steps import WorkUnit, part_path, process_unit, shard_path
+from preprocess.steps import WorkUnit, part_path, process_unit, shard_path, warm_worker
 
 UNITS_PER_WORKER = 16  # when shards are few: enough units that the last one running alone is short
 INDEX_ROW_GROUP = 1 << 16  # rows per index.parquet row group
 MAX_TASKS = 2048  # Ray tasks (Ray Data blocks) per job; more units than this share tasks
+MAX_WARM = 1024  # warm-up tasks at most (one per decoding slot)
 
 
 def resolve_paths(cfg: PreprocessConfig) -> None:
@@ -222,10 +223,11 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         planning = pool.submit(_plan_and_import, cfg)
         owns_ray = init_ray(cfg.ray_address, local_cpus(cfg), cfg.object_store_mb)
         timing["ray_start_s"] = time.monotonic() - t0
+        _warm_workers(cfg)
         try:
             plans = planning.result()
         except BaseException:
-            _shutdown(owns_ray)
+            shutdown_ray(owns_ray)
             raise
         timing["plan_s"] = time.monotonic() - t0
         timing["peak_rss_mb_after_plan"] = _peak_rss_mb()
@@ -248,7 +250,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         work_s = time.monotonic() - t_work
     finally:
         t0 = time.monotonic()
-        _shutdown(owns_ray)
+        shutdown_ray(owns_ray)
         timing["ray_shutdown_s"] = time.monotonic() - t0
         timing["peak_rss_mb_after_work"] = _peak_rss_mb()
     t0 = time.monotonic()
@@ -273,6 +275,22 @@ def local_cpus(cfg: PreprocessConfig) -> int:
     return max(os.cpu_count() or 1, 1 + encoders)
 
 
+def _warm_workers(cfg: PreprocessConfig) -> None:
+    """One warm-up task per decoding slot, started as soon as Ray is up: the worker processes import
+    Ray Data and start their decoder children while the driver finishes planning and starts the
+    executor, instead of after. Ray Data's tasks then run in these idle processes of the same job.
+    Nothing waits for them: a warm-up that fails leaves a cold worker, and the unit that runs there
+    records its own failure."""
+    import ray
+
+    fc = cfg.features
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    slots = max(1, cpus - (math.ceil(fc.concurrency * fc.num_cpus) if fc.enabled else 0))
+    task = ray.remote(num_cpus=1, max_retries=0)(warm_worker)
+    for _ in range(min(slots, MAX_WARM)):
+        task.remote(cfg)
+
+
 def _plan_and_import(cfg: PreprocessConfig) -> list[ShardPlan]:
     plans = write_plan(cfg)
     import ray.data  # noqa: F401
@@ -292,13 +310,6 @@ def _since_process_start() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
-
-
-def _shutdown(owns_ray: bool) -> None:
-    import ray
-
-    if owns_ray:
-        ray.shutdown()
 
 
 def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,12 @@ from pipeline.shards import (
     PARTS_DIR,
     STAGING_DIR,
     ShardWriter,
+    commit,
+    concat_tars,
     read_shard,
     sample_key,
     shard_name,
+    tmp_path,
     write_parquet,
     write_part,
 )
@@ -120,6 +124,15 @@ def shared_decoder(cfg: PreprocessConfig) -> BoundedDecoder:
     return _DECODERS[key]
 
 
+def warm_worker(cfg: PreprocessConfig) -> int:
+    """Ready a Ray worker process before its first work unit: Ray Data's task code imported and this
+    worker's decoder child started (it imports decord while the job is still being set up)."""
+    import ray.data  # noqa: F401 - what a Ray Data task imports first in a fresh worker
+
+    shared_decoder(cfg).start()
+    return os.getpid()
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """Rows ``lo:hi`` of one shard: the job's unit of work, smaller than a shard when the shards are
@@ -164,16 +177,17 @@ def clean_row_caption(row: dict[str, Any], cfg: PreprocessConfig) -> str:
     return caption
 
 
-def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessConfig) -> dict | DecodeFailure:
-    """One input row -> a sample for the writer, or the failure that becomes its index row."""
-    try:
-        source = resolve_source(row)
-        caption = clean_row_caption(row, cfg)
-        if cfg.is_image_dataset:
-            source["image"] = True
-        clip = decoder.decode(source, [cfg.seed, row["row"]])
-    except DecodeFailure as e:
-        return e
+def prepare_row(row: dict[str, Any], cfg: PreprocessConfig) -> tuple[dict[str, Any], str]:
+    """The row's media source and cleaned caption; raises ``DecodeFailure`` before any decoding."""
+    source = resolve_source(row)
+    caption = clean_row_caption(row, cfg)
+    if cfg.is_image_dataset:
+        source["image"] = True
+    return source, caption
+
+
+def make_sample(row: dict[str, Any], source: dict[str, Any], caption: str, clip: dict[str, Any]) -> dict:
+    """A decoded row as the writer's sample."""
     frames = clip.pop("frames")
     meta = {
         "videoid": str(row["videoid"]),
@@ -185,6 +199,39 @@ def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessCon
     if "conversations" in row:
         meta["conversations"] = row["conversations"]
     return {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
+
+
+def process_row(row: dict[str, Any], decoder: BoundedDecoder, cfg: PreprocessConfig) -> dict | DecodeFailure:
+    """One input row -> a sample for the writer, or the failure that becomes its index row."""
+    try:
+        source, caption = prepare_row(row, cfg)
+        clip = decoder.decode(source, [cfg.seed, row["row"]])
+    except DecodeFailure as e:
+        return e
+    return make_sample(row, source, caption, clip)
+
+
+def processed_rows(
+    rows: list[dict[str, Any]], decoder: BoundedDecoder, cfg: PreprocessConfig
+) -> Iterator[tuple[dict[str, Any], dict | DecodeFailure]]:
+    """``process_row`` over rows, in order, with the decoder one clip ahead of the caller
+    (``BoundedDecoder.decode_all``): the next clip decodes while this one is written."""
+    refused: deque[tuple[dict[str, Any], DecodeFailure]] = deque()  # failed before decoding, in row order
+
+    def requests():
+        for row in rows:
+            try:
+                source, caption = prepare_row(row, cfg)
+            except DecodeFailure as e:
+                refused.append((row, e))
+                continue
+            yield (row, source, caption), source, [cfg.seed, row["row"]]
+
+    for (row, source, caption), clip in decoder.decode_all(requests()):
+        while refused and refused[0][0]["row"] < row["row"]:
+            yield refused.popleft()
+        yield row, clip if isinstance(clip, DecodeFailure) else make_sample(row, source, caption, clip)
+    yield from refused
 
 
 def process_rows(
@@ -201,8 +248,7 @@ def process_rows(
     pending: dict[str, Any] = {"ok": 0, "failed": 0, "reasons": {}}
     last = time.monotonic()
     try:
-        for row in rows:
-            result = process_row(row, decoder, cfg)
+        for row, result in processed_rows(rows, decoder, cfg):
             if isinstance(result, DecodeFailure):
                 index.append(index_row(row, "failed", result.reason, result.message))
                 pending["failed"] += 1
@@ -258,16 +304,29 @@ def staged_samples(cfg: PreprocessConfig, shard: int, units: int) -> Iterator[di
 
 def finish_shard(cfg: PreprocessConfig, shard: int, units: int, digest: str, transform=None) -> None:
     """Join a shard's staged units into the final shard (through ``transform(samples)`` when given,
-    e.g. the feature encoder), then write its index part, the commit marker, and drop the pieces."""
-    samples = staged_samples(cfg, shard, units)
-    writer = ShardWriter(shard_path(cfg, shard), cfg.format)
-    try:
-        for sample in transform(samples) if transform is not None else samples:
-            writer.write(sample)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    e.g. the feature encoder), then write its index part, the commit marker, and drop the pieces.
+    Tar pieces without a transform are joined as bytes (``concat_tars``): the same file, no decoding."""
+    if transform is None and cfg.format == "webdataset":
+        staged = [p for u in range(units) if (p := unit_path(cfg, shard, u)).exists()]
+        if staged:
+            final = shard_path(cfg, shard)
+            tmp = tmp_path(final)
+            try:
+                concat_tars(staged, tmp)
+                commit(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    else:
+        samples = staged_samples(cfg, shard, units)
+        writer = ShardWriter(shard_path(cfg, shard), cfg.format)
+        try:
+            for sample in transform(samples) if transform is not None else samples:
+                writer.write(sample)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     parts = [pq.read_table(unit_index_path(cfg, shard, u)) for u in range(units)]
     write_part(pa.concat_tables(parts).to_pylist(), part_path(cfg, shard), digest)
     for u in range(units):

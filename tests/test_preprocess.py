@@ -352,3 +352,41 @@ def test_tar_writer_writes_webdatasets_bytes(tmp_path):
     back = list(wds.WebDataset(str(ours), shardshuffle=False, empty_check=False))
     assert [b["__key__"] for b in back] == [e["__key__"] for e in entries]
     assert [b["frames.npy"] for b in back] == [e["frames.npy"] for e in entries]
+
+
+@pytest.mark.parametrize("sizes", [[1000, 37, 20000], [10240 - 3 * 512, 0, 511, 512], [9 * 1024]])
+def test_concat_tars_gives_the_tar_one_writer_would_have_written(tmp_path, sizes):
+    """A split shard is joined by copying its pieces' member blocks (no decoding); the result is the
+    file one TarWriter writes for all samples, whatever record padding each piece ended with."""
+    import tarfile
+
+    from pipeline.shards import TarWriter, concat_tars
+
+    rng = np.random.default_rng(len(sizes))
+    entries = [
+        {
+            "__key__": f"{i:09d}",
+            "txt": b"c" * i,
+            "frames.npy": rng.integers(0, 255, n, dtype=np.uint8).tobytes(),
+        }
+        for i, n in enumerate(sizes)
+    ]
+    whole = TarWriter(tmp_path / "whole.tar")
+    for e in entries:
+        whole.write(e)
+    whole.close()
+    pieces = []
+    for i, group in enumerate([entries[:1], entries[1:2], entries[2:]]):
+        if not group:
+            continue
+        pieces.append(tmp_path / f"piece{i}.tar")
+        w = TarWriter(pieces[-1])
+        for e in group:
+            w.write(e)
+        w.close()
+    assert concat_tars(pieces, tmp_path / "joined.tar") == 2 * len(entries)
+    joined = (tmp_path / "joined.tar").read_bytes()
+    assert joined == (tmp_path / "whole.tar").read_bytes()
+    assert len(joined) % tarfile.RECORDSIZE == 0
+    with tarfile.open(tmp_path / "joined.tar") as t:
+        assert t.extractfile(f"{len(sizes) - 1:09d}.frames.npy").read() == entries[-1]["frames.npy"]

@@ -116,3 +116,26 @@ def test_untrustworthy_files_fail_with_a_reason(files):
             assert (e.value.reason, says in e.value.message) == (reason, True), e.value
         ok = dec.decode({"path": str(files["mp4"])}, [0, 0])  # the child still serves good clips
         assert ok["frame_indices"] == [0, 12, 25, 37, 50, 62, 75, 87]
+
+
+@pytest.mark.parametrize("recycle_every", [500, 2])
+def test_decode_all_keeps_one_clip_ahead_and_each_clip_its_own_result(files, tmp_path, recycle_every):
+    """The pipelined decoder (next request sent before this reply is handed out) gives each request
+    its own result, in order, when the child is killed for a hanging clip with the next one queued
+    behind it, and when the child is recycled between clips."""
+    import os
+
+    os.mkfifo(tmp_path / "hang.mp4")  # decord's open() blocks on it forever
+    names = ["mp4", "hang", "avi", "cut", "mp4", "avi"]
+    paths = {**files, "hang": tmp_path / "hang.mp4"}
+    with BoundedDecoder(SamplingSpec(size=56), timeout_s=3, recycle_every=recycle_every) as dec:
+        got = list(dec.decode_all((i, {"path": str(paths[n])}, [0, i]) for i, n in enumerate(names)))
+        assert dec.restarts == 1
+    assert [tag for tag, _ in got] == list(range(len(names)))
+    reasons = [getattr(r, "reason", "ok") for _, r in got]
+    assert reasons == ["ok", "decode_timeout", "ok", "truncated", "ok", "ok"]
+    for i, (name, (_, result)) in enumerate(zip(names, got, strict=True)):
+        if name in ("mp4", "avi"):
+            alone = decode_clip({"path": str(files[name])}, SamplingSpec(size=56), [0, i])
+            np.testing.assert_array_equal(result["frames"], alone["frames"])
+            assert result["frame_indices"] == alone["frame_indices"]
