@@ -40,10 +40,9 @@ def shutdown_ray(owned: bool) -> None:
     if not owned or not ray.is_initialized():
         return
     try:
-        from ray._private import ray_constants
-        from ray._private.worker import _global_node
+        from ray._private import ray_constants, worker
 
-        for info in _global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        for info in worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
             info.process.kill()
             info.process.wait(timeout=5)
     except Exception:  # noqa: BLE001 - Ray's internals moved: its own shutdown still stops everything

@@ -127,9 +127,9 @@ def shared_decoder(cfg: PreprocessConfig) -> BoundedDecoder:
 def warm_worker(cfg: PreprocessConfig) -> int:
     """Ready a Ray worker process before its first work unit: Ray Data's task code imported and this
     worker's decoder child started (it imports decord while the job is still being set up)."""
+    shared_decoder(cfg).start()  # first: the child imports decord while this process imports Ray Data
     import ray.data  # noqa: F401 - what a Ray Data task imports first in a fresh worker
 
-    shared_decoder(cfg).start()
     return os.getpid()
 
 

@@ -4,6 +4,7 @@ records, unwritable outputs, local Ray's sockets, work units and the plan (issue
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -299,3 +300,54 @@ def test_preprocessing_driver_does_not_load_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_warm_worker_starts_the_decoder_child_the_first_unit_uses(clips, tmp_path):
+    """The warm-up task leaves a running decoder child in the worker process, and the job's rows
+    are then decoded by that same child (no second start)."""
+    from preprocess.steps import process_rows, shared_decoder, warm_worker
+
+    cfg = cfg_for(tmp_path / "a.csv", videos_of(tmp_path, clips, ["0"]), tmp_path / "out")
+    decoder = shared_decoder(cfg)
+    try:
+        assert warm_worker(cfg) == os.getpid()
+        child = decoder.proc
+        assert child is not None and child.poll() is None
+        row = {
+            "row": 0,
+            "videoid": "0",
+            "caption": "a clip",
+            "source": {"videos": cfg.videos, "page_dir": "p1", "videoid": "0"},
+        }
+        (index,) = process_rows(0, [row], tmp_path / "s.tar", cfg)
+        assert index["status"] == "ok" and decoder.proc is child and decoder.restarts == 0
+    finally:
+        decoder.close()
+
+
+def test_shutdown_ray_stops_a_local_cluster_it_started_and_kills_its_monitor_first():
+    """``shutdown_ray`` kills the autoscaler monitor itself (SIGKILL, no 1 s grace) and leaves no node
+    process behind; given a cluster it did not start, it leaves Ray running."""
+    code = """
+import json, psutil, ray
+from pipeline.raycluster import init_ray, shutdown_ray
+from ray._private import ray_constants, worker
+owned = init_ray(None, 1, object_store_mb=100)
+_global_node = worker._global_node
+procs = [i.process for infos in _global_node.all_processes.values() for i in infos]
+monitor = _global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+shutdown_ray(False)
+alive_after_not_owned = ray.is_initialized()
+seen, ray_shutdown = [], ray.shutdown
+ray.shutdown = lambda: (seen.append(monitor.poll()), ray_shutdown())
+shutdown_ray(owned)
+print(json.dumps({"owned": owned, "kept": alive_after_not_owned, "monitor": seen,
+                  "left": [p.pid for p in procs if psutil.pid_exists(p.pid) and p.poll() is None]}))
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"owned": True, "kept": True, "monitor": [-9], "left": []}  # dead before ray.shutdown
