@@ -306,10 +306,18 @@ def _peak_rss_mb() -> float:
 
 
 def _since_process_start() -> float:
-    """Seconds since this process started (interpreter start-up and imports, before ``run``)."""
-    import psutil
+    """Seconds since this process started (interpreter start-up and imports, before ``run``).
 
-    return time.time() - psutil.Process().create_time()
+    On Linux from the kernel's start time in clock ticks since boot, against the boot-time clock;
+    psutil's ``create_time`` adds the boot time rounded to whole seconds (measured: 0.49 s for a
+    process 0.1 s old)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing: dict) -> None:
