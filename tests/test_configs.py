@@ -85,3 +85,16 @@ def test_real_size_stage2_mirrors_the_original_recipe():
     # the original mixes its three instruction sets uniformly; images are 1-frame clips
     assert [(s.weight, s.num_frames) for s in d.specs()] == [(1, 1), (1, 1), (1, 8)]
     assert cfg.init_from and cfg.model.llm_path == "models/vicuna-7b"
+
+
+@pytest.mark.parametrize("name", ["stage1_vit-g_7b.yaml", "stage2_vit-g_7b.yaml"])
+def test_one_shard_folder_on_the_command_line_replaces_a_configs_datasets(name):
+    """The real-size configs list data.datasets; the error for data.shards alone names the override."""
+    from pipeline.config import ConfigError
+    from train.config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    with pytest.raises(ConfigError, match=r"data\.datasets=\[\] data\.shards=DIR"):
+        load_config(TrainConfig, path, ["data.shards=my/shards"])
+    cfg = load_config(TrainConfig, path, ["data.datasets=[]", "data.shards=my/shards"])
+    assert [s.shards for s in cfg.data.specs()] == ["my/shards"]

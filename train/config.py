@@ -136,7 +136,10 @@ class TrainConfig:
             raise ConfigError("eval.every and eval.batch_size must be >= 1")
         specs = self.data.specs()
         if self.data.shards and self.data.datasets:
-            raise ConfigError("data: give data.shards or data.datasets, not both")
+            raise ConfigError(
+                "data: give data.shards or data.datasets, not both (to replace a config file's "
+                "datasets by one folder on the command line: data.datasets=[] data.shards=DIR)"
+            )
         if not specs:
             raise ConfigError("data.shards: a shard folder is required (or data.datasets)")
         if any(s.weight <= 0 for s in specs):
