@@ -8,18 +8,21 @@
   counters, world size) and RNG states, as plain JSON;
 * ``export/``: the trainable-only export (``pipeline.weights.export_trainable``) that inference and
   stage 2 load;
-* ``COMPLETE``: written last, after every rank finished; a checkpoint without it is ignored (a run
-  killed while saving resumes from the previous one).
+* ``COMPLETE``: written last, after every rank finished, with the size and SHA-256 of every other file
+  of the checkpoint; a checkpoint without it is ignored (a run killed while saving resumes from the
+  previous one).
 
 A resume checks the newest complete checkpoint's files first (:func:`resume_point`): one damaged after it
-was written (a truncated optimizer state or train-state JSON, a missing model-state file) is set aside
-as ``checkpoints/broken_step_N`` with a warning and the previous intact one is used; with none intact the
-run stops with one line naming the broken file.
+was written (a truncated optimizer state or train-state JSON, a missing model-state file, bytes that
+differ from those saved: ``torch.load`` reads a flipped byte inside a tensor without complaint) is set
+aside as ``checkpoints/broken_step_N`` with a warning and the previous intact one is used; with none
+intact the run stops with one line naming the broken file.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import random
 import shutil
@@ -105,6 +108,41 @@ def _torch_file_problem(path: Path) -> str | None:
         return f"{path} is not a complete torch file ({type(e).__name__})"
 
 
+def file_digests(path: Path) -> dict[str, list]:
+    """``{relative path: [bytes, sha256]}`` of every file in a checkpoint folder but ``COMPLETE``."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != COMPLETE)
+    return {f.relative_to(path).as_posix(): [f.stat().st_size, _sha256(f)] for f in files}
+
+
+def _sha256(f: Path) -> str:
+    import hashlib
+
+    with open(f, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _changed_files(path: Path, skip: set[str]) -> list[str]:
+    """Files missing, or whose size or SHA-256 differ from those ``COMPLETE`` recorded at save time,
+    except the export (a resume does not read it) and those matching ``skip`` (already named).
+    Checkpoints written before the digests were recorded have none to compare."""
+    try:
+        recorded = json.loads((path / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return [f"{path / COMPLETE} is not valid JSON"]
+    found = []
+    for rel, (size, digest) in recorded.items():
+        f = path / rel
+        if rel.startswith(f"{EXPORT}/") or any(fnmatch.fnmatchcase(rel, pattern) for pattern in skip):
+            continue
+        if not f.is_file():
+            found.append(f"{f} is missing ({COMPLETE} lists it)")
+        elif f.stat().st_size != size or _sha256(f) != digest:
+            found.append(
+                f"{f} does not hold the bytes it was saved with (its SHA-256 differs from {COMPLETE}'s)"
+            )
+    return found
+
+
 def problems(path: str | Path) -> list[str]:
     """What is missing or damaged in a complete checkpoint (empty: it can be resumed from)."""
     path = Path(path)
@@ -112,12 +150,13 @@ def problems(path: str | Path) -> list[str]:
         world = int(json.loads((path / train_state_file(0)).read_text()).get("world_size", 1))
     except (OSError, ValueError, AttributeError) as e:
         return [f"{path / train_state_file(0)} is missing or not valid JSON ({type(e).__name__})"]
-    found = []
+    found, reported = [], set()  # reported: files with a problem already named (no second line for them)
     for rank in range(1, world):
         try:
             json.loads((path / train_state_file(rank)).read_text())
         except (OSError, ValueError) as e:
             found.append(f"{path / train_state_file(rank)} is missing or not valid JSON ({type(e).__name__})")
+            reported.add(train_state_file(rank))
     torch_files = [("model states", "mp_rank_00_model_states.pt")]
     torch_files += [
         ("optimizer state", f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in range(world)
@@ -126,8 +165,12 @@ def problems(path: str | Path) -> list[str]:
         matches = sorted(path.glob(pattern))
         if not matches:
             found.append(f"{path / pattern} ({what}) is missing")
-        found += [msg for f in matches if (msg := _torch_file_problem(f))]
-    return found
+            reported.add(pattern)
+        for f in matches:
+            if msg := _torch_file_problem(f):
+                found.append(msg)
+                reported.add(f.relative_to(path).as_posix())
+    return found + _changed_files(path, reported)
 
 
 def resume_point(run_dir: str | Path, rank: int) -> Path | None:
@@ -182,7 +225,7 @@ def save(
         export_fn(path / EXPORT)
     barrier()
     if rank == 0:
-        write_json({"step": step}, path / COMPLETE)
+        write_json({"step": step, "files": file_digests(path)}, path / COMPLETE)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in root.glob("step_*"):  # left by a run killed while saving

@@ -427,8 +427,8 @@ def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
-    """Truncated optimizer state / train-state JSON, missing model states: the previous intact checkpoint
-    is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
+    """Truncated optimizer state / train-state JSON, missing model states, a flipped byte inside a tensor
+    (which torch.load reads silently): the previous intact checkpoint is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
     import shutil
 
     args = [f"data.shards={shards}", "max_steps=4", "save_every=2", "tracking=false", "data.workers=1"]
@@ -446,18 +446,34 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
     def cut(path: Path) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
+    def flip(path: Path) -> None:
+        """One byte inside a tensor's stored bytes: the zip stays intact and torch.load reads it."""
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        data = bytearray(path.read_bytes())
+        data[rec.header_offset + 30 + len(rec.filename.encode()) + len(rec.extra) + rec.file_size // 2] ^= (
+            0xFF
+        )
+        path.write_bytes(bytes(data))
+        assert checkpoint._torch_file_problem(path) is None and torch.load(path, weights_only=False)
+
     optim = damaged("optim", lambda c: cut(c / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     state = damaged("state", lambda c: cut(c / "train_state_rank0.json"))
     model = damaged("model", lambda c: (c / "mp_rank_00_model_states.pt").unlink())
+    bits = damaged("bits", lambda c: flip(c / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     for run_dir, says in [
         (optim, "optim_states.pt is not a complete torch file"),
         (state, "train_state_rank0.json is missing or not valid JSON"),
         (model, "mp_rank_00_model_states.pt (model states) is missing"),
+        (bits, "optim_states.pt does not hold the bytes it was saved with"),
     ]:
         found = checkpoint.problems(run_dir / "checkpoints" / step4.name)
         assert len(found) == 1 and says in found[0], found
     assert checkpoint.resume_point(state, rank=0).name == step2.name
     assert (state / "checkpoints" / f"broken_{step4.name}").is_dir()
+    assert checkpoint.resume_point(bits, rank=0).name == step2.name
 
     (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 3-4 from the step-2 checkpoint
     p = run_train(1, *args, f"run_dir={optim}")
