@@ -354,9 +354,8 @@ class BoundedDecoder:
             result = self._receive()
             tag = sent.popleft()[0]
             if self.proc is None:  # killed for that clip: the one queued behind it goes to a new child
-                for request in [sent.popleft() for _ in range(len(sent))]:
+                for request in sent:
                     self._send_request(request)
-                    sent.append(request)
             yield tag, result
 
     def _must_restart(self) -> bool:

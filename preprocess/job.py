@@ -268,11 +268,16 @@ def local_cpus(cfg: PreprocessConfig) -> int:
     encoder actors' own ``features.num_cpus`` (an actor holds its CPUs for the whole job: with
     ``--workers 1`` and one 1-CPU actor in a 1-CPU cluster no decoding task could ever start). Without
     ``--workers``: every core, and at least one decoding slot beside the actors."""
-    fc = cfg.features
-    encoders = math.ceil(fc.concurrency * fc.num_cpus) if fc.enabled else 0
+    encoders = _encoder_cpus(cfg)
     if cfg.workers:
         return cfg.workers + encoders
     return max(os.cpu_count() or 1, 1 + encoders)
+
+
+def _encoder_cpus(cfg: PreprocessConfig) -> int:
+    """CPUs the feature-cache encoder actors hold for the whole job (0 without the cache)."""
+    fc = cfg.features
+    return math.ceil(fc.concurrency * fc.num_cpus) if fc.enabled else 0
 
 
 def _warm_workers(cfg: PreprocessConfig) -> None:
@@ -283,9 +288,7 @@ def _warm_workers(cfg: PreprocessConfig) -> None:
     records its own failure."""
     import ray
 
-    fc = cfg.features
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    slots = max(1, cpus - (math.ceil(fc.concurrency * fc.num_cpus) if fc.enabled else 0))
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) - _encoder_cpus(cfg))
     task = ray.remote(num_cpus=1, max_retries=0)(warm_worker)
     for _ in range(min(slots, MAX_WARM)):
         task.remote(cfg)
