@@ -57,7 +57,7 @@ def make_sample(
     OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + 4 colour/shape/direction triples never trained
     on); the CSVs also carry the factors (colour, shape, direction, combination) for pipeline.grounded.
     """
-    from pipeline.sample_data import make_grounded_sample, make_webvid_sample, make_webvid_tars
+    from standins.sample_data import make_grounded_sample, make_webvid_sample, make_webvid_tars
 
     seconds = (min_seconds or 5.0, max_seconds or (7.0 if grounded else 20.0))
     if grounded:
@@ -88,7 +88,7 @@ def tiny_llm(overrides, **flags) -> None:
     It learns the captions' language, both prompt templates and to read an informative prefix where the
     video tokens go; prints its held-out perplexity and caption loss with and without that prefix.
     """
-    from pipeline.tiny_llm import TinyLLMConfig, format_report, run
+    from standins.tiny_llm import TinyLLMConfig, format_report, run
 
     try:
         cfg = load_config(
@@ -113,7 +113,7 @@ def tiny_encoder(overrides, **flags) -> None:
     Use it as features.blip2_path=OUTPUT when caching features with --encoder tiny; training from that
     cache takes the same encoder from it.
     """
-    from pipeline.tiny_encoder import TinyEncoderConfig, run
+    from standins.tiny_encoder import TinyEncoderConfig, run
 
     try:
         cfg = load_config(
@@ -243,9 +243,9 @@ def train(config_path, overrides) -> None:
 def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
     """Per-GPU memory of a training config under ZeRO-2 and the largest micro-batch that fits.
 
-    Counted from the sizes (nothing is built or loaded); the model is in pipeline/plan.py."""
-    from pipeline.plan import format_plan, plan_for_config
+    Counted from the sizes (nothing is built or loaded); the model is in train/memory.py."""
     from train.config import TrainConfig
+    from train.memory import format_plan, plan_for_config
 
     try:
         cfg = load_config(TrainConfig, config_path, list(overrides))

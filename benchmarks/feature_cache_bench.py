@@ -34,9 +34,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import FrozenEncoder, clip_from_frames, preset  # noqa: E402
 from pipeline.raycluster import init_ray  # noqa: E402
-from pipeline.sample_data import make_webvid_sample  # noqa: E402
 from pipeline.shards import _npy_bytes, list_shards  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
+from standins.sample_data import make_webvid_sample  # noqa: E402
 
 
 def encoder_rate(name: str, clips: int, batch: int, device: str) -> float:

@@ -9,7 +9,7 @@ Prints, all in one process on the same model:
   sizes (what ``preprocess --cache-features`` runs per GPU actor);
 * stage-1 training samples/s from cached features vs from frames (the frozen encoder run online every
   step), LLM frozen in bf16, trainable parts fp32 under bf16 autocast, AdamW;
-* MFU: the FLOPs of a step (``pipeline.plan.train_flops_per_sample``, written out per part) over the
+* MFU: the FLOPs of a step (``train.memory.train_flops_per_sample``, written out per part) over the
   step time and the GPU's dense bf16 peak (``--peak-tflops``; known for A100/H100/H200);
 * peak memory of a training step without and with ``model.llm_gradient_checkpointing``: on a GPU
   ``torch.cuda.max_memory_allocated``, and everywhere the bytes autograd keeps for backward, next to
@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model import VideoLLaMA, clip_from_frames, encode_frames, preset  # noqa: E402
-from pipeline.plan import llm_activation_bytes, sequence_length, train_flops_per_sample  # noqa: E402
 from pipeline.prompts import caption_sample, collate, prepare_tokenizer  # noqa: E402
-from pipeline.synthetic import realistic_  # noqa: E402
 from pipeline.tiny import tiny_tokenizer  # noqa: E402
+from standins.synthetic import realistic_  # noqa: E402
+from train.memory import llm_activation_bytes, sequence_length, train_flops_per_sample  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 CAPTION_TOKENS = 32  # stage 1: every caption padded to data.max_caption_tokens

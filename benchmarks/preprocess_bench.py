@@ -34,8 +34,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.raycluster import init_ray  # noqa: E402
-from pipeline.sample_data import make_webvid_sample  # noqa: E402
 from preprocess.config import PreprocessConfig  # noqa: E402
+from standins.sample_data import make_webvid_sample  # noqa: E402
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

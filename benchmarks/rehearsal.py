@@ -5,7 +5,7 @@
     make rehearsal                                 # = the first line, under flock on a shared machine
 
 Writes, once (``--cache``, default .cache/rehearsal): a LLaMA folder of the chosen shape in bf16 with a
-32,000-token tokenizer and a BLIP-2 folder with the real ViT-g + Q-Former shapes (pipeline.synthetic:
+32,000-token tokenizer and a BLIP-2 folder with the real ViT-g + Q-Former shapes (standins.synthetic:
 std 0.02, not transformers' 1e-10 default that is 0 in fp16), and 2 H.264 clips. Then runs the commands
 a user runs, each as its own process, and prints seconds and peak RSS (the whole process tree) per phase:
 
@@ -124,8 +124,8 @@ def run_phase(name: str, argv: list[str], results: list, log_dir: Path) -> str:
 
 
 def phase_assets(args) -> None:
-    from pipeline.sample_data import make_webvid_sample
-    from pipeline.synthetic import write_blip2, write_llama
+    from standins.sample_data import make_webvid_sample
+    from standins.synthetic import write_blip2, write_llama
 
     cfg = model_config(args)
     cache = Path(args.cache)
@@ -273,8 +273,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 def check_plan(args, run_dir: Path, ckpt: Path, ckpt_bytes: int) -> list[str]:
     """The parts of ``cli.py plan`` the CPU measures: frozen weights, optimizer state, checkpoint."""
     from pipeline.config import load_config
-    from pipeline.plan import plan_for_config
     from train.config import TrainConfig
+    from train.memory import plan_for_config
 
     cfg = load_config(TrainConfig, run_dir / "config.yaml")
     plan = plan_for_config(cfg, gpus=1, on_gpu=False)
@@ -322,9 +322,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.checkpoint import checkpoint_bytes, latest
-    from pipeline.plan import param_counts
     from pipeline.weights import load_trainable
+    from train.checkpoint import checkpoint_bytes, latest
+    from train.memory import param_counts
 
     work = Path(args.work)
     reuse = args.reuse_shards and (work / "shards" / "summary.json").is_file()

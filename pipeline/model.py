@@ -296,7 +296,7 @@ def encode_frames(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
 
 
 def frame_features(parts: nn.Module, clip: torch.Tensor) -> torch.Tensor:
-    """``encode_frames`` with gradients (only ``pipeline.tiny_encoder`` trains the frozen part)."""
+    """``encode_frames`` with gradients (only ``standins.tiny_encoder`` trains the frozen part)."""
     b, c, t, h, w = clip.shape
     frames = clip.transpose(1, 2).reshape(b * t, c, h, w)
     frames = frames.to(parts.visual_encoder.embeddings.patch_embedding.weight.dtype)

@@ -1,4 +1,5 @@
-"""A tiny tokenizer and LLM directory built in code: CPU tests and smoke runs without any model download.
+"""The tiny preset's tokenizer, built in code: a random tiny LLM (``model.llm_path`` unset) trains and
+captions with it, with no download.
 
 The tokenizer mimics the LLaMA conventions the prompts rely on: ``<unk>``=0 (also the pad),
 ``<s>``=1, ``</s>``=2, and the literal strings ``<s>``/``</s>`` in text map to those ids.
@@ -7,11 +8,9 @@ The tokenizer mimics the LLaMA conventions the prompts rely on: ``<unk>``=0 (als
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 _CORPUS = [
     "a man is riding a horse on the beach at sunset.",
@@ -24,7 +23,7 @@ _CORPUS = [
 
 def tiny_tokenizer(vocab_size: int = 400, corpus: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained in milliseconds (deterministic), without ``<ImageHere>``: on a fixed
-    corpus by default, or on ``corpus`` (``pipeline.tiny_llm`` trains one on a caption corpus)."""
+    corpus by default, or on ``corpus`` (``standins.tiny_llm`` trains one on a caption corpus)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -38,27 +37,3 @@ def tiny_tokenizer(vocab_size: int = 400, corpus: Sequence[str] | None = None) -
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )
-
-
-def write_tiny_llm(out_dir: str | Path, hidden_size: int = 64, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama and the tiny tokenizer as a Hugging Face directory (``llm_path``).
-
-    The LLM vocabulary is the tokenizer's base vocabulary, so ``<ImageHere>`` (added later) falls
-    outside it exactly as id 32000 does on LLaMA.
-    """
-    out = Path(out_dir)
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out

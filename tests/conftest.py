@@ -93,7 +93,7 @@ def _audio_only(path: Path) -> None:
 
 def build_corpus(root: Path, good: int = 6, bad: bool = True) -> dict:
     """``good`` small H.264 clips plus one row of every failure class; returns paths and expectations."""
-    from pipeline.sample_data import write_clip
+    from standins.sample_data import write_clip
 
     vids = root / "videos"
     page = vids / "000001_000050"

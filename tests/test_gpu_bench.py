@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.model import tiny
-from pipeline.plan import train_flops_per_sample
+from train.memory import train_flops_per_sample
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import grounded
-from pipeline.sample_data import GroundedClip, grounded_frames, make_grounded_sample, plan_grounded
+from standins.sample_data import GroundedClip, grounded_frames, make_grounded_sample, plan_grounded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_tiny_llm_is_deterministic_and_loads_with_auto_classes(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tiny_llm import TinyLLMConfig, run
+    from standins.tiny_llm import TinyLLMConfig, run
 
     ann = _annotations(tmp_path)
     reports = [run(TinyLLMConfig(str(ann), str(tmp_path / f"llm{i}"), steps=20, seed=3)) for i in (0, 1)]

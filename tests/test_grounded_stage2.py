@@ -11,7 +11,7 @@ import pytest
 
 from infer.grounded import answer_accuracy
 from pipeline import grounded
-from pipeline.sample_data import FAULTY_IDS, make_grounded_sample
+from standins.sample_data import FAULTY_IDS, make_grounded_sample
 
 
 @pytest.fixture(scope="module")

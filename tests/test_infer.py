@@ -27,7 +27,8 @@ from pipeline.model import VideoLLaMA, tiny
 from pipeline.prompts import prepare_tokenizer
 from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
-from pipeline.tiny import tiny_tokenizer, write_tiny_llm
+from pipeline.tiny import tiny_tokenizer
+from standins.synthetic import write_tiny_llm
 from tests.conftest import BAD_ROWS, REPO, run_train, train_env, unwritable_folder
 
 STEPS = 30

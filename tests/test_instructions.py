@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.sample_data import write_clip
 from pipeline.shards import list_shards, read_shard
 from preprocess.config import PreprocessConfig
 from preprocess.job import run
+from standins.sample_data import write_clip
 
 
 def save_image(path: Path, w: int, h: int, seed: int) -> np.ndarray:

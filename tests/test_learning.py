@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sample_data import make_grounded_sample
+from standins.sample_data import make_grounded_sample
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.model import TRAINABLE, FrozenEncoder, ModelConfig, VideoLLaMA, preset, tiny, vit_g
 from pipeline.prompts import caption_sample, collate, conversation_sample, load_tokenizer
-from pipeline.tiny import write_tiny_llm
+from standins.synthetic import write_tiny_llm
 
 
 @pytest.mark.parametrize(

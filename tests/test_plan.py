@@ -1,5 +1,5 @@
-"""The memory planner (pipeline/plan.py, ``cli.py plan``) and the random real-size weight folders
-(pipeline/synthetic.py) with the meta-device encoder they load into."""
+"""The memory planner (train/memory.py, ``cli.py plan``) and the random real-size weight folders
+(standins/synthetic.py) with the meta-device encoder they load into."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.model import PRESETS, FrozenEncoder, VideoLLaMA, preset, tiny, vision_for_device
-from pipeline.plan import GB, llm_saved_bytes, param_counts, plan_memory
 from pipeline.weights import load_frozen_encoder
+from train.memory import GB, llm_saved_bytes, param_counts, plan_memory
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -104,7 +104,7 @@ def test_plan_command(tmp_path):
 
 def test_llama_tokenizer_places_image_token_beyond_the_embedding():
     from pipeline.prompts import prepare_tokenizer
-    from pipeline.synthetic import llama_tokenizer
+    from standins.synthetic import llama_tokenizer
 
     tok = llama_tokenizer(32000)
     assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (32000, 1, 2, 0)
@@ -115,7 +115,7 @@ def test_llama_tokenizer_places_image_token_beyond_the_embedding():
 def test_meta_encoder_materialises_once_from_a_blip2_folder(tmp_path):
     """Weight paths: built on the meta device, materialised by the load, with the exact tensors a
     random-init-then-load gives; realistic scale (std 0.02) survives fp16; on a CPU it computes in fp32."""
-    from pipeline.synthetic import write_blip2
+    from standins.synthetic import write_blip2
 
     cfg = dataclasses.replace(tiny(), vision_dtype="float16", vision_width=128, vision_mlp=256)
     write_blip2(tmp_path, cfg)

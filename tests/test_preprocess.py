@@ -21,11 +21,11 @@ import webdataset as wds
 
 from pipeline.captions import CaptionCleaning, clean_caption
 from pipeline.config import ConfigError, load_config
-from pipeline.sample_data import make_webvid_tars
 from pipeline.shards import list_shards, read_shard
 from pipeline.video import sample_indices
 from preprocess.config import PreprocessConfig
 from preprocess.job import run
+from standins.sample_data import make_webvid_tars
 from tests.conftest import REPO, build_corpus, write_annotations
 
 SMALL = {"size": 32, "samples_per_shard": 4}
@@ -173,7 +173,7 @@ def test_webdataset_tar_input(ray_local, tmp_path):
 
 def test_hanging_and_oversized_inputs_are_bounded(ray_local, tmp_path):
     """A FIFO blocks decord's open() forever; a 4K clip overruns a small memory limit."""
-    from pipeline.sample_data import write_clip
+    from standins.sample_data import write_clip
 
     corpus = build_corpus(tmp_path / "c", good=2, bad=False)
     page = Path(corpus["videos"]) / "000001_000050"

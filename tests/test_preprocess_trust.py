@@ -29,7 +29,7 @@ from tests.conftest import REPO, unwritable_folder, write_annotations
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     """Four short clips in one page folder (the tests copy or link them)."""
-    from pipeline.sample_data import write_clip
+    from standins.sample_data import write_clip
 
     root = tmp_path_factory.mktemp("clips")
     for i in range(4):

@@ -19,10 +19,10 @@ from transformers import PreTrainedTokenizerFast
 from pipeline.config import ConfigError, load_config
 from pipeline.model import VideoLLaMA, tiny
 from pipeline.prompts import IGNORE_INDEX, IMAGE_PATCH_TOKEN, conversation_sample, prepare_tokenizer
-from pipeline.sample_data import write_clip
 from pipeline.shards import inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
+from standins.sample_data import write_clip
 from tests.conftest import REPO, losses, run_train
 from tests.test_prompts import expected
 from train.config import TrainConfig

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.augment import random_resized_crop
 from pipeline.config import ConfigError, load_config
 from pipeline.model import TRAINABLE, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint, tiny
@@ -26,6 +25,7 @@ from pipeline.shards import ShardWriter, inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
 from tests.conftest import REPO, SHORT_RUN, TINY, losses, run_train, train_cmd, train_env
+from train import checkpoint
 from train.config import OptimConfig, TrainConfig
 from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
 from train.engine import ds_config, lr_at, param_groups

@@ -11,8 +11,8 @@ import decord
 import numpy as np
 import pytest
 
-from pipeline.sample_data import clip_frames
 from pipeline.video import BoundedDecoder, SamplingSpec, decode_clip
+from standins.sample_data import clip_frames
 
 W, H = 160, 96
 

@@ -19,7 +19,7 @@ Several nodes: ``srun`` one task per GPU with MASTER_ADDR/MASTER_PORT exported (
 
 Restarting the same command resumes from the newest complete checkpoint in ``run_dir`` with the same
 losses as a run that never stopped (model, optimizer, data cursors and RNG all restored: the
-TrainState of pipeline.checkpoint). The optimizer, the original's schedule (set before every
+TrainState of train.checkpoint). The optimizer, the original's schedule (set before every
 micro-batch's forward) and the engine are in train.engine.
 """
 
@@ -33,14 +33,15 @@ from typing import Any
 
 import torch
 
-from pipeline import checkpoint, distributed
-from pipeline.checkpoint import TrainState
+from pipeline import distributed
 from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
 from pipeline.rundir import CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards
 from pipeline.tracking import git_commit, make_tracker
+from train import checkpoint
+from train.checkpoint import TrainState
 from train.config import TrainConfig, check_rerun
 from train.data import (
     TrainStream,

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.model import FrozenEncoder, ModelConfig, llama_config, torch_dtype
+from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import hf_blip2_name
 
 STD = 0.02
@@ -91,8 +93,6 @@ def llama_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.tiny import tiny_tokenizer
-
     spec = json.loads(tiny_tokenizer().backend_tokenizer.to_str())
     vocab = dict(spec["model"]["vocab"])
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), vocab_size)})
@@ -145,3 +145,27 @@ def realistic_(module: torch.nn.Module) -> torch.nn.Module:
         else:
             p.normal_(0.0, STD)
     return module
+
+
+def write_tiny_llm(out_dir: str | Path, hidden_size: int = 64, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama and the tiny tokenizer as a Hugging Face directory (``llm_path``).
+
+    The LLM vocabulary is the tokenizer's base vocabulary, so ``<ImageHere>`` (added later) falls
+    outside it exactly as id 32000 does on LLaMA.
+    """
+    out = Path(out_dir)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.model import ModelConfig
+from train.config import TrainConfig
 
 GB = 1e9
 IMAGE_TOKENS = 257  # ViT-g at 224 px: 16x16 patches + CLS (the cached frame's tokens into the Q-Former)
@@ -200,7 +201,9 @@ def plan_memory(
     )
 
 
-def plan_for_config(train_cfg, gpus: int, on_gpu: bool = True, input: str | None = None) -> MemoryPlan:
+def plan_for_config(
+    train_cfg: TrainConfig, gpus: int, on_gpu: bool = True, input: str | None = None
+) -> MemoryPlan:
     """``plan_memory`` for a TrainConfig: sequence length, frames, precision and ZeRO buckets from it."""
     mcfg = train_cfg.model  # the preset with the config's keys over it, resolved
     d = train_cfg.data
