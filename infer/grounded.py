@@ -33,7 +33,8 @@ from infer.load import ModelSource, load
 from pipeline import grounded
 from pipeline.config import ConfigError
 from pipeline.evaluation import iter_samples
-from pipeline.generate import GenerationConfig, PromptSpec, caption_prompt, generate_batched
+from pipeline.generate import GenerationConfig, PromptSpec, generate_batched
+from pipeline.prompts import stage1_prompt
 from pipeline.shards import first_view
 
 EVAL_FILES = ("grounded_eval.json", "grounded_captions.jsonl", "grounded_tables.json")
@@ -62,7 +63,7 @@ class GroundedEvalConfig:
 @torch.no_grad()
 def captions(loaded, features: torch.Tensor, cfg: GroundedEvalConfig) -> list[str]:
     gen = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    prompt = caption_prompt(loaded.tokenizer, loaded.model.cfg.num_video_query_tokens)
+    prompt = stage1_prompt(loaded.tokenizer, loaded.model.cfg.num_video_query_tokens)
     return generate_batched(
         loaded.model, loaded.tokenizer, features.to(loaded.device), [prompt] * len(features), gen
     )

@@ -48,6 +48,7 @@ from pipeline.shards import (
     commit,
     list_shards,
     part_digest,
+    read_shard_config,
     tmp_path,
     write_json,
 )
@@ -77,13 +78,12 @@ def check_output(cfg: PreprocessConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
     check_writable(out)
-    marker = out / CONFIG_FILE
-    if marker.exists():
-        theirs = json.loads(marker.read_text())
-        if theirs.get("fingerprint") != cfg.output_fingerprint():
+    theirs = read_shard_config(out)
+    if theirs is not None:
+        if theirs.fingerprint != cfg.output_fingerprint():
             diff = {
                 k: (v, to_dict(cfg).get(k))
-                for k, v in theirs.get("config", {}).items()
+                for k, v in theirs.config.items()
                 if k not in ("workers", "ray_address", "progress_every_s", "object_store_mb")
                 and to_dict(cfg).get(k) != v
             }

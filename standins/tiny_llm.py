@@ -41,7 +41,13 @@ from pipeline import grounded
 from pipeline.captions import CaptionCleaning, clean_caption
 from pipeline.config import ConfigError
 from pipeline.model import tiny
-from pipeline.prompts import IGNORE_INDEX, LLAMA2_SYSTEM, frame_times_message, render_conversation
+from pipeline.prompts import (
+    IGNORE_INDEX,
+    LLAMA2_SYSTEM,
+    frame_times_message,
+    render_conversation,
+    visual_turn,
+)
 from pipeline.tiny import tiny_tokenizer
 
 PREFIX_SLOTS = 32  # the stage-1 prompt's video block: [BOS] + 32 video tokens, then the caption
@@ -148,7 +154,7 @@ class SequenceBuilder:
         mark = "\x00"
         q, a = conversation_turns(row, rng, kind)[0]
         text, _ = render_conversation(
-            [(f"<Video>{mark}</Video> {frame_times_message(times)}{q}", a)], template
+            [(visual_turn(q, frame_times_message(times), num_video_tokens=1, placeholder=mark), a)], template
         )
         before, after = text.split(mark)
         head, tail = [self.bos, *self.ids(before)], self.ids(after)
@@ -171,7 +177,7 @@ class SequenceBuilder:
 def template_text() -> list[str]:
     """The fixed text of both stage-2 templates and the frame-times message, for the tokenizer."""
     turn = [
-        (f"<Video></Video> {frame_times_message([0.0, 1.2, 2.5])}{q}", "yes")
+        (visual_turn(q, frame_times_message([0.0, 1.2, 2.5]), num_video_tokens=0), "yes")
         for q in grounded.QUESTIONS.values()
     ]
     return [render_conversation(turn, t)[0] for t in ("vicuna", "llama2")] + [LLAMA2_SYSTEM]

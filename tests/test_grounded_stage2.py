@@ -98,9 +98,9 @@ def test_questions_are_asked_as_chat_asks_them_and_scored_from_the_answers():
 
     from infer.grounded import GroundedEvalConfig, evaluate_questions
     from infer.load import Loaded
-    from pipeline.generate import GenerationConfig, conversation_prompt, generate
+    from pipeline.generate import GenerationConfig, generate
     from pipeline.model import VideoLLaMA, tiny
-    from pipeline.prompts import frame_times_message, prepare_tokenizer
+    from pipeline.prompts import conversation_prompt, frame_times_message, prepare_tokenizer
     from pipeline.tiny import tiny_tokenizer
 
     torch.manual_seed(0)

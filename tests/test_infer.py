@@ -22,9 +22,9 @@ from infer.evaluate import EvaluateConfig
 from infer.evaluate import run as evaluate
 from infer.load import CheckpointError, ModelSource, locate
 from pipeline.evaluation import caption_metrics
-from pipeline.generate import GenerationConfig, caption_prompt, conversation_prompt, cut_at_stop, generate
+from pipeline.generate import GenerationConfig, cut_at_stop, generate
 from pipeline.model import VideoLLaMA, tiny
-from pipeline.prompts import prepare_tokenizer
+from pipeline.prompts import conversation_prompt, prepare_tokenizer, stage1_prompt
 from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
@@ -73,7 +73,7 @@ def test_prompts_end_where_the_answer_starts():
     tok = tiny_tokenizer()
     prepare_tokenizer(tok)
     image = tok.convert_tokens_to_ids("<ImageHere>")
-    p = caption_prompt(tok, 32)
+    p = stage1_prompt(tok, 32)
     assert p.input_ids == [tok.bos_token_id] + [image] * 32 and p.video_positions == list(range(1, 33))
     v = conversation_prompt(tok, [("q1", "a1")], "q2", "vicuna", "The video contains 8 frames. ", 32)
     text = tok.decode(v.input_ids)
@@ -90,7 +90,7 @@ def test_left_padded_batch_generates_what_each_row_does_alone():
     tok = tiny_tokenizer()
     prepare_tokenizer(tok)
     feats = torch.randn(2, 8, 32, 64)
-    prompts = [caption_prompt(tok), conversation_prompt(tok, [], "what is it?", "vicuna", "", 32)]
+    prompts = [stage1_prompt(tok), conversation_prompt(tok, [], "what is it?", "vicuna", "", 32)]
     gen = GenerationConfig(do_sample=False, max_new_tokens=12, stop=[])
     both = generate(model, tok, feats, prompts, gen)
     alone = [generate(model, tok, feats[i : i + 1], prompts[i : i + 1], gen)[0] for i in range(2)]

@@ -524,3 +524,22 @@ def test_training_adopts_the_encoder_its_feature_cache_was_made_with(tmp_path):
     assert adopt_cached_encoder(tiny(), [a, other]).blip2_path is None
     assert adopt_cached_encoder(tiny(), [random]).blip2_path is None
     assert adopt_cached_encoder(tiny(), [str(tmp_path / "no_config")]).blip2_path is None
+
+
+def test_shard_config_reader_is_typed(tmp_path):
+    """A shard folder's _config.json through one reader: typed fields, None without the file, a clear
+    error for a broken one."""
+    from pipeline.config import ConfigError
+    from pipeline.shards import CONFIG_FILE, read_shard_config
+
+    assert read_shard_config(tmp_path) is None
+    cfg = {"num_frames": 4, "size": 32, "features": {"enabled": True, "blip2_path": "/enc"}}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"fingerprint": "abc", "config": cfg}))
+    written = read_shard_config(tmp_path)
+    assert (written.fingerprint, written.num_frames, written.size) == ("abc", 4, 32)
+    assert written.features == {"enabled": True, "blip2_path": "/enc"} and written.config == cfg
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"config": {"features": None}}))
+    assert read_shard_config(tmp_path).features == {} and read_shard_config(tmp_path).num_frames is None
+    (tmp_path / CONFIG_FILE).write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_shard_config(tmp_path)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.evaluation import EvalSettings
 from pipeline.model import PRESETS, ModelConfig, preset
 from pipeline.rundir import CONFIG
 from pipeline.tracking import flatten
@@ -92,16 +93,12 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Validation during training (train.validation): held-out caption loss/perplexity every ``every`` steps."""
+class EvalConfig(EvalSettings):
+    """Validation during training (train.validation): the held-out caption loss/perplexity of
+    ``shards`` (None: no validation) every ``every`` steps, scored as ``cli.py evaluate`` scores it."""
 
-    shards: str | None = None  # a held-out shard set; None: no validation
     every: int = 500  # optimizer steps (and at the last step)
-    max_samples: int | None = None  # the first N clips of the shard set
-    batch_size: int = 8
-    max_caption_tokens: int = 32
-    metrics: bool = False  # also greedy captions scored with exact match / BLEU / chrF / CIDEr (slower)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # greedy captions' length with ``metrics``
 
 
 @dataclass
