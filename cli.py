@@ -17,6 +17,7 @@ python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy ta
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -251,8 +252,12 @@ def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
         cfg = load_config(TrainConfig, config_path, list(overrides))
     except ConfigError as e:
         _fail(e)
-    if gpus < 1 or gpu_memory <= 0:
-        _fail(ConfigError("--gpus must be >= 1 and --gpu-memory > 0"))
+    if gpus < 1 or not 0 < gpu_memory < math.inf:  # also refuses nan
+        _fail(
+            ConfigError(
+                f"--gpus must be >= 1 and --gpu-memory a finite number of GB > 0 (got {gpus}, {gpu_memory})"
+            )
+        )
     result = plan_for_config(cfg, gpus, on_gpu=True, input=input_kind)
     checkpointing = cfg.model.llm_gradient_checkpointing
     click.echo(f"{config_path} (micro_batch {cfg.micro_batch})")
