@@ -190,7 +190,10 @@ def preprocess(config_path, overrides, **flags) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--preset", help="ModelConfig preset of a .pth that carries none [inferred from shapes]")
-def convert(src: str, dst: str, preset: str | None) -> None:
+@click.option(
+    "--cast-float32", is_flag=True, help="convert float16/bfloat16/float64 tensors to float32 (else refused)"
+)
+def convert(src: str, dst: str, preset: str | None, cast_float32: bool) -> None:
     """Released Video-LLaMA checkpoint (.pth) -> trainable-weights export folder, or back.
 
     The export is trainable.safetensors + model.yaml; the way back writes {"model": state_dict} with
@@ -201,7 +204,7 @@ def convert(src: str, dst: str, preset: str | None) -> None:
     from pipeline.weights import convert as convert_weights
 
     try:
-        report = convert_weights(src, dst, model_preset(preset) if preset else None)
+        report = convert_weights(src, dst, model_preset(preset) if preset else None, cast_float32)
     except (WeightsError, ConfigError) as e:
         _fail(e)
     click.echo(f"{src} -> {dst}\n{report}")
