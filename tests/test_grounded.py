@@ -208,3 +208,30 @@ def test_grounded_eval_refuses_ungrounded_shards_and_an_unwritable_output_before
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "ok" / "grounded_eval.json").is_file()
+
+
+def test_tiny_stand_ins_check_arguments_and_output_before_training(tmp_path):
+    """tiny-encoder / tiny-llm used to train for minutes and then fail writing (OSError), and lr=-1
+    ended in AdamW's traceback: each is one line now, before the first step (--steps 3 keeps the old
+    behaviour's cost small)."""
+    import time
+
+    from tests.conftest import unwritable_folder
+
+    (tmp_path / "a.csv").write_text("videoid,page_dir,name\n1,p,a red square moves left\n2,p,a cat\n")
+    out = unwritable_folder(tmp_path) / "tiny"
+    llm = ["tiny-llm", "--annotations", str(tmp_path / "a.csv"), "--steps", "3"]
+    cases = [
+        (["tiny-encoder", "--steps", "3", "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        ([*llm, "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=-1"], "lr must be a finite number > 0"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=nan"], "lr must be a finite number > 0"),
+        ([*llm, "--output", str(tmp_path / "l"), "lr=-1"], "lr must be a finite number > 0 (got -1.0)"),
+    ]
+    for args, says in cases:
+        t0 = time.monotonic()
+        r = _cli(*args)
+        assert r.returncode == 1 and r.stderr.startswith("Error: ") and says in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
