@@ -17,6 +17,7 @@ python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy ta
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -189,7 +190,10 @@ def preprocess(config_path, overrides, **flags) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--preset", help="ModelConfig preset of a .pth that carries none [inferred from shapes]")
-def convert(src: str, dst: str, preset: str | None) -> None:
+@click.option(
+    "--cast-float32", is_flag=True, help="convert float16/bfloat16/float64 tensors to float32 (else refused)"
+)
+def convert(src: str, dst: str, preset: str | None, cast_float32: bool) -> None:
     """Released Video-LLaMA checkpoint (.pth) -> trainable-weights export folder, or back.
 
     The export is trainable.safetensors + model.yaml; the way back writes {"model": state_dict} with
@@ -200,7 +204,7 @@ def convert(src: str, dst: str, preset: str | None) -> None:
     from pipeline.weights import convert as convert_weights
 
     try:
-        report = convert_weights(src, dst, model_preset(preset) if preset else None)
+        report = convert_weights(src, dst, model_preset(preset) if preset else None, cast_float32)
     except (WeightsError, ConfigError) as e:
         _fail(e)
     click.echo(f"{src} -> {dst}\n{report}")
@@ -251,8 +255,12 @@ def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
         cfg = load_config(TrainConfig, config_path, list(overrides))
     except ConfigError as e:
         _fail(e)
-    if gpus < 1 or gpu_memory <= 0:
-        _fail(ConfigError("--gpus must be >= 1 and --gpu-memory > 0"))
+    if gpus < 1 or not 0 < gpu_memory < math.inf:  # also refuses nan
+        _fail(
+            ConfigError(
+                f"--gpus must be >= 1 and --gpu-memory a finite number of GB > 0 (got {gpus}, {gpu_memory})"
+            )
+        )
     result = plan_for_config(cfg, gpus, on_gpu=True, input=input_kind)
     checkpointing = cfg.model.llm_gradient_checkpointing
     click.echo(f"{config_path} (micro_batch {cfg.micro_batch})")

@@ -31,7 +31,7 @@ import torch
 
 from infer.load import ModelSource, load
 from pipeline import grounded
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.evaluation import iter_samples
 from pipeline.generate import GenerationConfig, PromptSpec, generate_batched
 from pipeline.prompts import stage1_prompt
@@ -146,11 +146,25 @@ def _features(samples: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([first_view(s["features"], "features") for s in samples])).float()
 
 
+def check_references(samples: list[dict[str, Any]], shards: str) -> None:
+    """Refuse shards whose captions are not grounded ones: their factors cannot be scored."""
+    bad = [s["caption"] for s in samples if not grounded.is_grounded(s["caption"])]
+    if bad:
+        raise ConfigError(
+            f"shards: {len(bad)} of {len(samples)} references in {shards!r} are not grounded captions "
+            f"(e.g. {bad[0][:80]!r}; expected like {grounded.caption('red', 'square', 'left')!r}): "
+            "grounded-eval scores clips of make-sample --grounded"
+        )
+
+
 def run(cfg: GroundedEvalConfig) -> dict[str, Any]:
     cfg.validate()
+    if cfg.output:
+        check_writable(cfg.output)  # one line now, not an OSError after every caption is generated
     samples = list(iter_samples(cfg.shards, "features"))
     if not samples:
         raise ConfigError(f"shards: {cfg.shards!r} hold no samples with cached features and a caption")
+    check_references(samples, cfg.shards)
     loaded = load(cfg.model)
     report, records = (evaluate_questions if cfg.questions else evaluate)(loaded, samples, cfg)
     if cfg.output:

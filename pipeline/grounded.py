@@ -85,11 +85,22 @@ def _rate(hits: list[bool]) -> float:
     return sum(hits) / len(hits) if hits else float("nan")
 
 
+def is_grounded(text: str) -> bool:
+    """Whether a text names a colour, a shape and a direction: a reference that can be scored."""
+    return None not in read_factors(text).values()
+
+
+def _named(r: dict[str, str | None], p: dict[str, str | None], f: str) -> bool:
+    """The prediction names the reference's value of ``f``; naming none is wrong even where the
+    reference names none either (no ``None == None`` match)."""
+    return r[f] is not None and p[f] == r[f]
+
+
 def accuracy(references: list[str], predictions: list[str]) -> dict[str, float]:
     """Share of clips whose prediction names the reference's colour, shape, direction, and all three."""
     pairs = [(read_factors(r), read_factors(p)) for r, p in zip(references, predictions, strict=True)]
-    out = {f: _rate([p[f] == r[f] for r, p in pairs]) for f in FACTORS}
-    out["all"] = _rate([all(p[f] == r[f] for f in FACTORS) for r, p in pairs])
+    out = {f: _rate([_named(r, p, f) for r, p in pairs]) for f in FACTORS}
+    out["all"] = _rate([all(_named(r, p, f) for f in FACTORS) for r, p in pairs])
     return out
 
 
@@ -127,7 +138,7 @@ def flipped(references: list[str], predictions: list[str]) -> float:
     """Share of clips whose prediction names the *opposite* of the reference's direction."""
     return _rate(
         [
-            read_factors(p)["direction"] == OPPOSITE[read_factors(r)["direction"]]
+            read_factors(p)["direction"] == OPPOSITE.get(read_factors(r)["direction"], "<none>")
             for r, p in zip(references, predictions, strict=True)
         ]
     )

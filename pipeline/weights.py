@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -432,7 +432,11 @@ def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], Mode
     """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config."""
     directory = Path(directory)
     cfg = load_config(ModelConfig, directory / MODEL_CONFIG)
-    sd = load_file(str(directory / TRAINABLE_WEIGHTS))
+    path = directory / TRAINABLE_WEIGHTS
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:  # truncated, not safetensors, absent
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
     check_shapes(sd, trainable_shapes(cfg), str(directory))
     return sd, cfg
 
@@ -447,16 +451,66 @@ def load_trainable_weights(model: VideoLLaMA, src: str | Path) -> LoadReport:
     return _load_into(model, sd, trainable_shapes(model.cfg), str(src), report)
 
 
-def convert(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None) -> LoadReport:
+# What a converted file may hold besides float32: other float types only on request (a deliberate cast).
+CASTABLE = (torch.float16, torch.bfloat16, torch.float64)
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def _missing_error(what: str, keys: list[str]) -> WeightsError:
+    return WeightsError(f"{what} lacks {len(keys)} trainable tensor(s): {_names(keys)}")
+
+
+def _extra_error(what: str, keys: list[str]) -> WeightsError:
+    return WeightsError(
+        f"{what} holds {len(keys)} tensor(s) that are not trainable weights of this model: {_names(keys)}"
+    )
+
+
+def checked_trainable(
+    sd: dict[str, torch.Tensor], expected: dict[str, torch.Size], what: str, cast_float32: bool = False
+) -> dict[str, torch.Tensor]:
+    """Exactly the trainable tensors, float32 and finite, or one WeightsError line saying what is not:
+    a converted file is what a run starts from, so nothing in it may be dropped, guessed or NaN.
+    ``cast_float32`` converts float16/bfloat16/float64 tensors; integer and bool tensors never are."""
+    if missing := [k for k in expected if k not in sd]:
+        raise _missing_error(what, missing)
+    if extra := [k for k in sd if k not in expected]:
+        raise _extra_error(what, extra)
+    allowed = (torch.float32, *CASTABLE) if cast_float32 else (torch.float32,)
+    if wrong := [
+        f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in sd.items() if v.dtype not in allowed
+    ]:
+        hint = "" if cast_float32 else "; --cast-float32 converts float16/bfloat16/float64 deliberately"
+        raise WeightsError(
+            f"{what}: trainable weights are float32, {len(wrong)} tensor(s) are not: {_names(wrong)}{hint}"
+        )
+    sd = {k: v.float() for k, v in sd.items()}
+    if nonfinite := [k for k, v in sd.items() if not torch.isfinite(v).all()]:
+        raise WeightsError(f"{what}: {len(nonfinite)} tensor(s) hold NaN or inf: {_names(nonfinite)}")
+    return sd
+
+
+def convert(
+    src: str | Path, dst: str | Path, cfg: ModelConfig | None = None, cast_float32: bool = False
+) -> LoadReport:
     """``cli.py convert SRC DST``: a Video-LLaMA ``.pth`` -> export directory, or an export directory
-    -> Video-LLaMA ``.pth``; the direction follows what SRC is."""
+    -> Video-LLaMA ``.pth``; the direction follows what SRC is. Refuses (``checked_trainable``) a
+    missing or extra tensor, a dtype other than float32 unless ``cast_float32``, and NaN/inf."""
     src = Path(src)
     if src.is_dir():
         sd, export_cfg = load_trainable(src)
+        sd = checked_trainable(sd, trainable_shapes(export_cfg), str(src), cast_float32)
         to_videollama_checkpoint(sd, dst, export_cfg)
         return LoadReport(loaded=sorted(sd))
     sd, report = import_videollama_checkpoint(src, cfg)
     if report.missing:
-        raise WeightsError(f"{src} lacks trainable tensors:\n{report}")
-    export_trainable(sd, cfg or videollama_checkpoint_config(src), dst)
+        raise _missing_error(str(src), report.missing)
+    if report.unexpected:  # set aside by the import; a conversion keeps nothing back silently
+        raise _extra_error(str(src), report.unexpected)
+    model_cfg = cfg or videollama_checkpoint_config(src)
+    sd = checked_trainable(sd, trainable_shapes(model_cfg), str(src), cast_float32)
+    export_trainable(sd, model_cfg, dst)
     return report

@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline import grounded
 from pipeline.captions import CaptionCleaning, clean_caption
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.model import tiny
 from pipeline.prompts import (
     IGNORE_INDEX,
@@ -73,6 +73,8 @@ class TinyLLMConfig:
             raise ConfigError("tiny-llm needs --annotations and --output")
         if self.steps < 1 or self.batch_size < 1 or not 0 < self.heldout_fraction < 1:
             raise ConfigError("tiny-llm: steps and batch_size >= 1, 0 < heldout_fraction < 1")
+        if not 0 < self.lr < math.inf:  # nan fails too
+            raise ConfigError(f"tiny-llm: lr must be a finite number > 0 (got {self.lr})")
 
 
 # ---- the corpus -------------------------------------------------------------------------------------
@@ -300,6 +302,7 @@ def run(cfg: TinyLLMConfig) -> dict:
     """Train and write the LLM folder; returns the held-out report (also in ``tiny_llm.json``)."""
     cfg.validate()
     rows = read_captions(cfg.annotations)
+    check_writable(cfg.output)  # one line now, not an OSError after minutes of training
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(rows))
     n_held = max(1, round(cfg.heldout_fraction * len(rows))) if len(rows) > 1 else 0

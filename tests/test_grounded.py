@@ -148,3 +148,90 @@ def test_scores_per_factor_seen_vs_novel_and_the_ablation_helpers():
     perm = grounded.derangement(50, seed=1)
     assert sorted(perm) == list(range(50)) and all(p != i for i, p in enumerate(perm))
     assert perm == grounded.derangement(50, seed=1)
+
+
+def test_a_factor_named_by_neither_side_is_not_a_match():
+    """Captions outside the grounded grammar used to score 100 % (None == None) and flipped() raised
+    KeyError: None; a prediction that names no factor is wrong."""
+    refs = ["a dog runs on the beach", grounded.caption("red", "square", "left")]
+    preds = ["a cat sleeps", ""]
+    assert grounded.accuracy(refs, preds) == {"colour": 0.0, "shape": 0.0, "direction": 0.0, "all": 0.0}
+    assert grounded.flipped(refs, preds) == 0.0
+    assert not grounded.is_grounded(refs[0]) and grounded.is_grounded(refs[1])
+    assert grounded.accuracy(refs[1:], ["the red square moves left"])["all"] == 1.0
+
+
+def _feature_shards(folder: Path, captions: list[str]) -> Path:
+    from pipeline.shards import ShardWriter, shard_name
+
+    folder.mkdir()
+    w = ShardWriter(folder / shard_name(0, "webdataset"), "webdataset")
+    rng = np.random.default_rng(0)
+    for i, text in enumerate(captions):
+        feats = rng.normal(size=(8, 32, 64)).astype(np.float16)  # the tiny preset's features
+        w.write({"key": f"{i:09d}", "caption": text, "meta": {"videoid": f"v{i}"}, "features": feats})
+    w.commit()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    import torch
+
+    from pipeline.model import VideoLLaMA, tiny
+    from pipeline.weights import export_trainable
+
+    torch.manual_seed(0)
+    return export_trainable(VideoLLaMA(tiny()), tiny(), tmp_path_factory.mktemp("grounded") / "export")
+
+
+def test_grounded_eval_refuses_ungrounded_shards_and_an_unwritable_output_before_any_work(
+    tiny_export, tmp_path
+):
+    from click.testing import CliRunner
+
+    import cli
+    from tests.conftest import unwritable_folder
+
+    webvid = _feature_shards(tmp_path / "webvid", ["a dog runs on the beach", "two people talk", "a red bus"])
+    r = CliRunner().invoke(cli.main, ["grounded-eval", str(tiny_export), str(webvid), "--no-ablations"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "3 of 3 references" in r.output and "are not grounded captions" in r.output
+    good = _feature_shards(tmp_path / "good", [grounded.caption(*t) for t in grounded.combinations()[:3]])
+    out = unwritable_folder(tmp_path) / "eval"
+    r = CliRunner().invoke(cli.main, ["grounded-eval", str(tiny_export), str(good), "--output", str(out)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: output: cannot write in {str(out)!r}")
+    r = CliRunner().invoke(
+        cli.main,
+        ["grounded-eval", str(tiny_export), str(good), "--output", str(tmp_path / "ok"), "--device", "cpu"],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ok" / "grounded_eval.json").is_file()
+
+
+def test_tiny_stand_ins_check_arguments_and_output_before_training(tmp_path):
+    """tiny-encoder / tiny-llm used to train for minutes and then fail writing (OSError), and lr=-1
+    ended in AdamW's traceback: each is one line now, before the first step (--steps 3 keeps the old
+    behaviour's cost small)."""
+    import time
+
+    from tests.conftest import unwritable_folder
+
+    (tmp_path / "a.csv").write_text("videoid,page_dir,name\n1,p,a red square moves left\n2,p,a cat\n")
+    out = unwritable_folder(tmp_path) / "tiny"
+    llm = ["tiny-llm", "--annotations", str(tmp_path / "a.csv"), "--steps", "3"]
+    cases = [
+        (["tiny-encoder", "--steps", "3", "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        ([*llm, "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=-1"], "lr must be a finite number > 0"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=nan"], "lr must be a finite number > 0"),
+        ([*llm, "--output", str(tmp_path / "l"), "lr=-1"], "lr must be a finite number > 0 (got -1.0)"),
+    ]
+    for args, says in cases:
+        t0 = time.monotonic()
+        r = _cli(*args)
+        assert r.returncode == 1 and r.stderr.startswith("Error: ") and says in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
