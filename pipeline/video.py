@@ -81,6 +81,9 @@ class StreamInfo:
     height: int
     frames: int  # frame count in the header; 0 when the container does not say
     duration: float | None  # seconds, video stream (else container) duration; None when unknown
+    # seconds the header's frame slots cover at its nominal rate (an AVI's index length / its rate); a cut
+    # AVI loses its index and ffmpeg then reports only the duration it found, but not fewer slots
+    slots_duration: float | None = None
 
 
 def probe(src) -> StreamInfo:
@@ -97,7 +100,9 @@ def probe(src) -> StreamInfo:
             duration = float(s.duration * s.time_base) if s.duration and s.time_base else None
             if duration is None and c.duration:
                 duration = c.duration / 1e6  # AV_TIME_BASE
-            info = StreamInfo(s.codec_context.width, s.codec_context.height, s.frames or 0, duration)
+            rate = s.guessed_rate or s.average_rate
+            slots = float(s.frames / rate) if s.frames and rate else None
+            info = StreamInfo(s.codec_context.width, s.codec_context.height, s.frames or 0, duration, slots)
     except av.FFmpegError as e:
         raise DecodeFailure("decode_error", _first_line(e)) from None
     finally:
@@ -114,8 +119,13 @@ def _target_size(info: StreamInfo, spec: SamplingSpec) -> tuple[int, int]:
     return max(spec.size, round(info.width * scale)), max(spec.size, round(info.height * scale))
 
 
-# A file may declare 1 frame more than it holds (an edit list, a dropped trailing frame) without harm.
+# A file may declare 1 frame more than it holds (an edit list, a dropped trailing frame) without harm; used
+# only when the header gives no duration (truncation is otherwise judged by time, see ``_truncation``).
 FRAME_COUNT_SLACK = 1
+# Frames may stop this many frame intervals short of the declared duration: a variable-frame-rate file (AVI
+# "repeat the previous frame" slots, sparse MP4 timestamps) declares more frame slots than it has frames but
+# its frames still span its duration; a download cut short stops well before it.
+TRUNCATION_SLACK_FRAMES = 2
 # How far the frames may run past the declared duration: reordering delay and variable frame rate make the
 # header's duration (counted in decode order) short of the last frame; garbage timestamps are far beyond.
 DURATION_SLACK = (1.5, 2.0)  # (factor, seconds): last frame start <= factor * duration + seconds
@@ -136,8 +146,9 @@ def frame_times(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> tuple
     if n > 1 and not (np.diff(starts) > 0).all():
         bad = int(np.argmin(np.diff(starts) > 0))
         raise DecodeFailure("bad_timestamps", f"frame timestamps not increasing at frame {bad + 1} of {n}")
-    if info.frames and n + FRAME_COUNT_SLACK < info.frames:
-        raise DecodeFailure("truncated", f"{n} of the {info.frames} frames the header declares are present")
+    why = _truncation(starts, ends, info)
+    if why:
+        raise DecodeFailure("truncated", why)
     factor, seconds = DURATION_SLACK
     if info.duration is not None and starts[-1] > factor * info.duration + seconds:
         raise DecodeFailure(
@@ -147,6 +158,27 @@ def frame_times(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> tuple
     if duration <= 0:
         raise DecodeFailure("bad_timestamps", f"the frames span {duration:.4g} s")
     return starts, duration
+
+
+def _truncation(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> str:
+    """Why the decodable frames look cut short, or ``""``. By time: the frames must span the declared
+    duration to within ``TRUNCATION_SLACK_FRAMES`` frame intervals (the larger of the header's nominal
+    interval and the frames' mean one). The header's frame count alone misjudges variable-frame-rate
+    files, whose index declares slots that repeat the previous frame; it is used only without a duration."""
+    n = len(starts)
+    declared = max(info.duration or 0.0, info.slots_duration or 0.0)
+    if not declared:
+        if info.frames and n + FRAME_COUNT_SLACK < info.frames:
+            return f"{n} of the {info.frames} frames the header declares are present"
+        return ""
+    span = float(ends[-1] - starts[0])
+    interval = max(declared / info.frames if info.frames else 0.0, span / n)
+    if span + TRUNCATION_SLACK_FRAMES * interval < declared:
+        slots = f" ({info.frames} frame slots)" if info.frames else ""
+        return (
+            f"the {n} decodable frames span {span:.4g} s of the {declared:.4g} s the header declares{slots}"
+        )
+    return ""
 
 
 def frames_at(starts: np.ndarray, duration: float, positions: list[int], n: int) -> list[int]:
