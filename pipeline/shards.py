@@ -62,6 +62,10 @@ INDEX_SCHEMA = pa.schema(
         ("message", pa.string()),
         ("shard", pa.string()),
         ("key", pa.string()),
+        # seconds in the source video: a segment's span, an ok row's sampled frame times (first view)
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("timestamps", pa.list_(pa.float64())),
     ]
 )
 
