@@ -12,7 +12,8 @@ A shard set is a folder::
     _staging/                 while running: pieces of shards (work units) waiting to be joined or
                                 encoded; removed when the job ends
     _plan.arrow               while running: the input rows, one record batch per shard
-    index.parquet             one row per input row: videoid, status, reason, shard, key
+    index.parquet             one row per input row: videoid, status, reason, shard, key, start, end
+                                (a segment, seconds), timestamps (an ok row's frame times, source time)
     summary.json              totals, failures by reason, config, timing
 
 Every file appears by rename from a temporary name, so a reader never sees half a shard. A shard with

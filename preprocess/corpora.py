@@ -185,7 +185,7 @@ def _table_records(path: Path, mapping: dict[str, str]) -> Iterator[dict[str, An
 
 
 def _segment_row(vid: Any, caption: Any, videos: str, start: Any, end: Any) -> dict[str, Any]:
-    row = {"videoid": str(vid), "caption": caption, "source": {"videos": videos, "find": str(vid)}}
+    row = {"videoid": _stem(str(vid)), "caption": caption, "source": {"videos": videos, "find": str(vid)}}
     try:
         row["start"], row["end"] = parse_time(start), parse_time(end)
     except ValueError:
@@ -227,8 +227,14 @@ def _expand(rec: dict[str, Any], mapping: dict[str, str], videos: str) -> list[d
             rows.append({**row, "segment": k})
         return rows
     if "start" in mapping:
-        return [_segment_row(vid, caption, videos, rec.get(mapping["start"]), rec.get(mapping["end"]))]
+        start, end = rec.get(mapping["start"]), rec.get(mapping["end"])
+        if not (_blank(start) and _blank(end)):  # both empty: the whole file
+            return [_segment_row(vid, caption, videos, start, end)]
     return [{"videoid": _stem(str(vid)), "caption": caption, "source": {"videos": videos, "find": str(vid)}}]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _stem(path: str) -> str:

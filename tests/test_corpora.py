@@ -218,10 +218,10 @@ def test_internvid_manifest_openvid_and_folder(ray_local, long_video, tmp_path):
 
     table = pa.table(
         {
-            "path": ["vid_A.mp4", "../escape.mp4"],
-            "text": ["yellow", "x"],
-            "t0": [30.5, 0.0],
-            "t1": [39.0, 1.0],
+            "path": ["vid_A.mp4", "../escape.mp4", "vid_A", "vid_A"],
+            "text": ["yellow", "x", "all of it", "half"],
+            "t0": [30.5, 0.0, None, 3.0],  # no start and no end: the whole file; one alone: bad
+            "t1": [39.0, 1.0, None, None],
         }
     )
     pq.write_table(table, tmp_path / "m.parquet")
@@ -234,9 +234,10 @@ def test_internvid_manifest_openvid_and_folder(ray_local, long_video, tmp_path):
             columns="video=path,caption=text,start=t0,end=t1",
         )
     )
-    assert (s["ok"], s["failures"]) == (1, {"path_escape": 1})
-    (sample,) = _samples(tmp_path / "mf").values()
+    assert (s["ok"], s["failures"]) == (2, {"path_escape": 1, "bad_segment": 1})
+    sample, whole = _samples(tmp_path / "mf").values()
     assert all(30.5 <= t < 39 for t in sample["meta"]["timestamps"])
+    assert "start" not in whole["meta"] and whole["meta"]["duration"] == pytest.approx(60.0, abs=0.01)
     assert np.abs(sample["frames"][:, 8:].reshape(-1, 3).mean(axis=0) - COLOURS[3]).max() < 12
 
     # OpenVid-1M: whole files named with their extension; a manifest row without start/end is the whole file
@@ -293,3 +294,56 @@ def test_video2dataset_tars_keep_the_clip_span(ray_local, tmp_path):
     assert s["ok"] == 2
     got = {x["meta"]["videoid"]: x["meta"]["clip_span"] for x in _samples(tmp_path / "out").values()}
     assert got == {"0000000_00000": [7.8, 10.8], "0000000_00001": [10.8, 13.8]}
+
+
+@pytest.mark.slow
+def test_panda70m_killed_job_resumes_to_identical_shards(long_video, tmp_path):
+    """Kill the whole process group mid-run, rerun the same command: byte-identical shards and index."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    spans = [[_hms(2.5 * k), _hms(2.5 * k + 2.5)] for k in range(24)]
+    csv_path = tmp_path / "panda.csv"
+    _panda_csv(
+        csv_path, [("vid_A", spans, [f"piece {k}" for k in range(24)]), ("vid_gone", spans[:2], ["a", "b"])]
+    )
+    args = ["--dataset", "panda70m", "--annotations", str(csv_path), "--videos", str(long_video)]
+    args += ["--samples-per-shard", "2", "--size", "32", "--workers", "1", "object_store_mb=80"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def cli(out: Path):
+        return [sys.executable, "cli.py", "preprocess", "--output", str(out), *args]
+
+    def digests(out: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
+
+    ref = tmp_path / "ref"
+    subprocess.run(cli(ref), cwd=REPO, env=env, check=True, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        cli(out),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list((out / "_parts").glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = len(list((out / "_parts").glob("*.parquet")))
+    assert 3 <= at_kill < 13, "the kill must land mid-run"
+    r = subprocess.run(cli(out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_rows"] >= 2 * at_kill - 2 and (summary["total"], summary["ok"]) == (26, 24)
+    assert len(digests(ref)) == 12 and digests(out) == digests(ref)
+    assert pq.read_table(out / "index.parquet").equals(pq.read_table(ref / "index.parquet"))
