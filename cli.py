@@ -135,14 +135,32 @@ def tiny_encoder(overrides, **flags) -> None:
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of PreprocessConfig keys"
 )
-@click.option("--annotations", help="WebVid CSV/TSV file or folder of them (columns videoid, page_dir, name)")
-@click.option("--videos", help="videos folder: VIDEOS/<page_dir>/<videoid>.mp4")
-@click.option("--tars", help="instead: folder of WebDataset tars of videos (.mp4 + .json/.txt caption)")
+@click.option(
+    "--annotations",
+    help="WebVid CSV/TSV (videoid, page_dir, name), a corpus list or manifest, or a folder of them",
+)
+@click.option(
+    "--videos", help="videos folder: VIDEOS/<page_dir>/<videoid>.mp4, or videos by id/path (docs/DATA.md)"
+)
+@click.option("--tars", help="instead: folder of WebDataset tars of videos (video + .json/.txt caption)")
 @click.option(
     "--dataset",
-    type=click.Choice(["webvid", "cc_sbu_align", "llava", "videochat"]),
-    help="what --annotations holds [webvid]; instruction sets are JSON files",
+    type=click.Choice(
+        [
+            "webvid",
+            "cc_sbu_align",
+            "llava",
+            "videochat",
+            "panda70m",
+            "internvid",
+            "openvid",
+            "manifest",
+            "folder",
+        ]
+    ),
+    help="what --annotations holds [webvid]; folder: --videos with NAME.txt captions (docs/DATA.md)",
 )
+@click.option("--columns", help="manifest columns, e.g. video=path,caption=text,start=t0,end=t1")
 @click.option("--images", help="image folder for --dataset cc_sbu_align / llava")
 @click.option("--output", help="output shard folder")
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "arrow"]), help="shard format [webdataset]")

@@ -1,6 +1,7 @@
 """Driver memory and bookkeeping speed of the preprocessing job against the number of input rows.
 
     python benchmarks/bookkeeping_bench.py [--rows 2000000] [--small 20000] [--workers 2]
+    python benchmarks/bookkeeping_bench.py --panda [--rows 2000000] [--small 20000]   (issue 22)
 
 Writes two WebVid-layout CSVs of the same shape (``videoid, contentUrl, duration, page_dir, name``,
 realistic lengths) whose videos are all missing, so every row fails fast as ``missing_file`` and what
@@ -8,6 +9,10 @@ is measured is the bookkeeping alone: reading the annotations, planning shards, 
 index parts and ``index.parquet``. Each is run as a user runs it (``python cli.py preprocess ...``,
 default flags) and the driver process's peak RSS (``VmHWM``) and rows/s of the whole command are
 printed side by side. The CSVs are cached under ``.cache/bookkeeping``.
+
+``--panda``: a Panda-70M-layout CSV instead (``videoID,url,timestamp,caption,matching_score``, 18.7
+segments per video as in the full training list, 70.7M / 3.78M), ``--rows`` counting segments, run with
+``--dataset panda70m``; extrapolated to Panda-70M's 70.7M segments.
 """
 
 from __future__ import annotations
@@ -66,6 +71,34 @@ def write_csv(path: Path, rows: int) -> Path:
     return path
 
 
+def write_panda_csv(path: Path, segments: int) -> Path:
+    """Panda-70M's columns: per video a list of [start, end] pairs (H:MM:SS.mmm), one caption and one
+    matching score per segment; 18 or 19 segments a video (70.7M / 3.78M), captions ~60 characters."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write("videoID,url,timestamp,caption,matching_score\n")
+        done, v = 0, 0
+        while done < segments:
+            n = min(19 if v % 10 < 7 else 18, segments - done)
+            vid = f"v{v:010d}"
+            spans = [
+                [f"0:{k // 6:02d}:{(k % 6) * 10:02d}.000", f"0:{k // 6:02d}:{(k % 6) * 10 + 9:02d}.500"]
+                for k in range(n)
+            ]
+            caps = [
+                " ".join(WORDS[(v * 7 + k + j) % len(WORDS)] for j in range(10)).capitalize()
+                for k in range(n)
+            ]
+            scores = [round(0.4 + (k % 5) * 0.01, 2) for k in range(n)]
+            f.write(f'{vid},https://www.youtube.com/watch?v={vid},"{spans}","{caps}","{scores}"\n')
+            done, v = done + n, v + 1
+    tmp.rename(path)
+    return path
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's high-water RSS (kernel-tracked, so no sample can miss the peak)."""
     with open(f"/proc/{pid}/status") as f:
@@ -75,7 +108,7 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_job(csv_path: Path, workers: int) -> dict:
+def run_job(csv_path: Path, workers: int, dataset: str = "webvid") -> dict:
     work = Path(tempfile.mkdtemp(prefix="bookkeeping_"))
     (work / "videos").mkdir()
     cmd = [
@@ -90,6 +123,8 @@ def run_job(csv_path: Path, workers: int) -> dict:
         str(work / "out"),
         "--workers",
         str(workers),
+        "--dataset",
+        dataset,
         "progress_every_s=30",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -128,11 +163,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--small", type=int, default=20_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--panda", action="store_true", help="a Panda-70M segment list (--dataset panda70m)")
     args = ap.parse_args()
     cache = REPO / ".cache" / "bookkeeping"
-    small = run_job(write_csv(cache / f"webvid_{args.small}.csv", args.small), args.workers)
-    big = run_job(write_csv(cache / f"webvid_{args.rows}.csv", args.rows), args.workers)
-    print(f"\nall-missing WebVid CSV, --workers {args.workers}, whole command:")
+    kind, write, target = ("panda", write_panda_csv, 70.7e6) if args.panda else ("webvid", write_csv, 10.7e6)
+    dataset = "panda70m" if args.panda else "webvid"
+    small = run_job(write(cache / f"{kind}_{args.small}.csv", args.small), args.workers, dataset)
+    big = run_job(write(cache / f"{kind}_{args.rows}.csv", args.rows), args.workers, dataset)
+    print(f"\nall-missing {dataset} input, --workers {args.workers}, whole command:")
     for r in (small, big):
         print(
             f"  {r['rows']:>10,} rows  {r['seconds']:8.1f} s  {r['rows_per_s']:>10,.0f} rows/s  "
@@ -143,7 +181,8 @@ def main() -> None:
         (big["driver_peak_rss_mb"] - small["driver_peak_rss_mb"]) * 1024 / (big["rows"] - small["rows"])
     )
     print(f"  peak RSS ratio {ratio:.2f}x; growth {per_row_kb:.4f} KB/row")
-    print(f"  extrapolated to 10.7M rows: {small['driver_peak_rss_mb'] + per_row_kb * 10.7e6 / 1024:.0f} MB")
+    extrapolated = small["driver_peak_rss_mb"] + per_row_kb * (target - small["rows"]) / 1024
+    print(f"  extrapolated to {target / 1e6:.1f}M rows: {extrapolated:.0f} MB")
     print(json.dumps({"small": small, "big": big}, indent=1))
 
 

@@ -12,7 +12,8 @@ A shard set is a folder::
     _staging/                 while running: pieces of shards (work units) waiting to be joined or
                                 encoded; removed when the job ends
     _plan.arrow               while running: the input rows, one record batch per shard
-    index.parquet             one row per input row: videoid, status, reason, shard, key
+    index.parquet             one row per input row: videoid, status, reason, shard, key, start, end
+                                (a segment, seconds), timestamps (an ok row's frame times, source time)
     summary.json              totals, failures by reason, config, timing
 
 Every file appears by rename from a temporary name, so a reader never sees half a shard. A shard with
@@ -62,6 +63,10 @@ INDEX_SCHEMA = pa.schema(
         ("message", pa.string()),
         ("shard", pa.string()),
         ("key", pa.string()),
+        # seconds in the source video: a segment's span, an ok row's sampled frame times (first view)
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("timestamps", pa.list_(pa.float64())),
     ]
 )
 

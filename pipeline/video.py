@@ -81,6 +81,9 @@ class StreamInfo:
     height: int
     frames: int  # frame count in the header; 0 when the container does not say
     duration: float | None  # seconds, video stream (else container) duration; None when unknown
+    # seconds the header's frame slots cover at its nominal rate (an AVI's index length / its rate); a cut
+    # AVI loses its index and ffmpeg then reports only the duration it found, but not fewer slots
+    slots_duration: float | None = None
 
 
 def probe(src) -> StreamInfo:
@@ -97,7 +100,9 @@ def probe(src) -> StreamInfo:
             duration = float(s.duration * s.time_base) if s.duration and s.time_base else None
             if duration is None and c.duration:
                 duration = c.duration / 1e6  # AV_TIME_BASE
-            info = StreamInfo(s.codec_context.width, s.codec_context.height, s.frames or 0, duration)
+            rate = s.guessed_rate or s.average_rate
+            slots = float(s.frames / rate) if s.frames and rate else None
+            info = StreamInfo(s.codec_context.width, s.codec_context.height, s.frames or 0, duration, slots)
     except av.FFmpegError as e:
         raise DecodeFailure("decode_error", _first_line(e)) from None
     finally:
@@ -114,8 +119,13 @@ def _target_size(info: StreamInfo, spec: SamplingSpec) -> tuple[int, int]:
     return max(spec.size, round(info.width * scale)), max(spec.size, round(info.height * scale))
 
 
-# A file may declare 1 frame more than it holds (an edit list, a dropped trailing frame) without harm.
+# A file may declare 1 frame more than it holds (an edit list, a dropped trailing frame) without harm; used
+# only when the header gives no duration (truncation is otherwise judged by time, see ``_truncation``).
 FRAME_COUNT_SLACK = 1
+# Frames may stop this many frame intervals short of the declared duration: a variable-frame-rate file (AVI
+# "repeat the previous frame" slots, sparse MP4 timestamps) declares more frame slots than it has frames but
+# its frames still span its duration; a download cut short stops well before it.
+TRUNCATION_SLACK_FRAMES = 2
 # How far the frames may run past the declared duration: reordering delay and variable frame rate make the
 # header's duration (counted in decode order) short of the last frame; garbage timestamps are far beyond.
 DURATION_SLACK = (1.5, 2.0)  # (factor, seconds): last frame start <= factor * duration + seconds
@@ -136,8 +146,9 @@ def frame_times(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> tuple
     if n > 1 and not (np.diff(starts) > 0).all():
         bad = int(np.argmin(np.diff(starts) > 0))
         raise DecodeFailure("bad_timestamps", f"frame timestamps not increasing at frame {bad + 1} of {n}")
-    if info.frames and n + FRAME_COUNT_SLACK < info.frames:
-        raise DecodeFailure("truncated", f"{n} of the {info.frames} frames the header declares are present")
+    why = _truncation(starts, ends, info)
+    if why:
+        raise DecodeFailure("truncated", why)
     factor, seconds = DURATION_SLACK
     if info.duration is not None and starts[-1] > factor * info.duration + seconds:
         raise DecodeFailure(
@@ -149,7 +160,68 @@ def frame_times(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> tuple
     return starts, duration
 
 
-def frames_at(starts: np.ndarray, duration: float, positions: list[int], n: int) -> list[int]:
+def _truncation(starts: np.ndarray, ends: np.ndarray, info: StreamInfo) -> str:
+    """Why the decodable frames look cut short, or ``""``. By time: the frames must span the declared
+    duration to within ``TRUNCATION_SLACK_FRAMES`` frame intervals (the larger of the header's nominal
+    interval and the frames' mean one). The header's frame count alone misjudges variable-frame-rate
+    files, whose index declares slots that repeat the previous frame; it is used only without a duration."""
+    n = len(starts)
+    declared = max(info.duration or 0.0, info.slots_duration or 0.0)
+    if not declared:
+        if info.frames and n + FRAME_COUNT_SLACK < info.frames:
+            return f"{n} of the {info.frames} frames the header declares are present"
+        return ""
+    span = float(ends[-1] - starts[0])
+    interval = max(declared / info.frames if info.frames else 0.0, span / n)
+    if span + TRUNCATION_SLACK_FRAMES * interval < declared:
+        slots = f" ({info.frames} frame slots)" if info.frames else ""
+        return (
+            f"the {n} decodable frames span {span:.4g} s of the {declared:.4g} s the header declares{slots}"
+        )
+    return ""
+
+
+# A segment may end this far past the last frame (rounded timestamps, a list written from another copy of
+# the video) and is then cut at the last frame; further out it lies outside the video.
+SEGMENT_END_SLACK_S = 0.5
+
+
+@dataclass(frozen=True)
+class Span:
+    """The frames a clip samples from: indices ``lo:hi`` of the file, over ``duration`` seconds from ``t0``."""
+
+    lo: int
+    hi: int
+    t0: float
+    duration: float
+
+
+def segment_span(starts: np.ndarray, ends: np.ndarray, start: float, end: float) -> Span:
+    """The frames of the segment ``[start, end)`` (seconds, source time): those starting inside it.
+
+    Fails as ``segment_outside_video`` when it starts after the last frame or ends well past it, and as
+    ``segment_too_short`` when it is shorter than one frame of the video (or holds no frame start)."""
+    first, last = float(starts[0]), float(ends[-1])
+    if start >= last or end > last + SEGMENT_END_SLACK_S:
+        raise DecodeFailure(
+            "segment_outside_video",
+            f"segment {start:.3f}-{end:.3f} s is outside the video's frames ({first:.3f}-{last:.3f} s)",
+        )
+    end = min(end, last)
+    frame = (last - first) / len(starts)  # mean frame interval
+    lo = int(np.searchsorted(starts, start - 1e-3, side="left"))  # 1 ms: timestamps rounded to the ms
+    hi = int(np.searchsorted(starts, end - 1e-3, side="left"))
+    if end - start < frame or hi <= lo:
+        raise DecodeFailure(
+            "segment_too_short",
+            f"segment {start:.3f}-{end:.3f} s is shorter than one frame ({frame:.4g} s) of the video",
+        )
+    return Span(lo, hi, float(start), float(end - start))
+
+
+def frames_at(
+    starts: np.ndarray, duration: float, positions: list[int], n: int, t0: float | None = None
+) -> list[int]:
     """Frame indices for sampler positions on a uniform grid of ``n`` slots over the clip's time span.
 
     Position k means time ``start + k * duration / n``; the frame shown then is the last one starting at
@@ -158,7 +230,8 @@ def frames_at(starts: np.ndarray, duration: float, positions: list[int], n: int)
     spread over time as asked instead of bunching where frames are dense.
     """
     slot = duration / n
-    targets = starts[0] + np.asarray(positions, dtype=np.float64) * slot + 0.25 * slot
+    t0 = starts[0] if t0 is None else t0
+    targets = t0 + np.asarray(positions, dtype=np.float64) * slot + 0.25 * slot
     return [int(i) for i in np.clip(np.searchsorted(starts, targets, side="right") - 1, 0, n - 1)]
 
 
@@ -211,13 +284,28 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
         reason = "no_video_stream" if "video stream" in msg else "decode_error"
         raise DecodeFailure(reason, msg) from None
     vlen = len(vr)
-    if vlen < spec.min_frames:
+    segment = "start" in source
+    if vlen < spec.min_frames and not segment:
         raise DecodeFailure("too_short", f"{vlen} frames < {spec.min_frames} required")
     stamps = vr.get_frame_timestamp(list(range(vlen))).astype(np.float64)
     starts, duration = frame_times(stamps[:, 0], stamps[:, 1], info)
+    span = (
+        segment_span(starts, stamps[:, 1], source["start"], source["end"])
+        if segment
+        else Span(0, vlen, float(starts[0]), duration)
+    )
+    n = span.hi - span.lo
+    if n < spec.min_frames:
+        raise DecodeFailure("too_short", f"{n} frames in the segment < {spec.min_frames} required")
     rng = np.random.default_rng(seed)
+    within = starts[span.lo : span.hi]
     views = [
-        frames_at(starts, duration, sample_indices(vlen, spec.num_frames, spec.sampling, rng), vlen)
+        [
+            span.lo + i
+            for i in frames_at(
+                within, span.duration, sample_indices(n, spec.num_frames, spec.sampling, rng), n, span.t0
+            )
+        ]
         for _ in range(spec.views)
     ]
     wanted = sorted({i for v in views for i in v})  # decode each needed frame once, whatever the views
@@ -234,14 +322,17 @@ def decode_clip(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) -> 
     indices = views if spec.views > 1 else views[0]
     times = times if spec.views > 1 else times[0]
     frames = frames if spec.views > 1 else frames[0]
-    return {
+    out = {
         "frames": np.ascontiguousarray(frames, dtype=np.uint8),
-        "frame_indices": indices,
-        "timestamps": times,
-        "num_frames_total": vlen,
-        "fps": round(vlen / duration, 4),  # average rate over the frames' time span
-        "duration": round(duration, 4),
+        "frame_indices": indices,  # in the file
+        "timestamps": times,  # seconds, in the file's (the source video's) time
+        "num_frames_total": n,  # in the clip: the file, or the segment
+        "fps": round(n / span.duration, 4),  # average rate over the frames' time span
+        "duration": round(span.duration, 4),
     }
+    if segment:
+        out.update(start=round(span.t0, 4), end=round(span.t0 + span.duration, 4))
+    return out
 
 
 # ---- parent side ---------------------------------------------------------------------------------

@@ -56,8 +56,22 @@ class PreprocessConfig:
     annotations: str | None = None
     videos: str | None = None
     tars: str | None = None
-    # what --annotations holds: WebVid CSV/TSV, or a stage-2 instruction set (JSON + --images/--videos)
-    dataset: Literal["webvid", "cc_sbu_align", "llava", "videochat"] = "webvid"
+    # what --annotations holds: WebVid CSV/TSV, a stage-2 instruction set (JSON + --images/--videos), a
+    # corpus preset (panda70m, internvid: segments; openvid: whole files), a generic manifest
+    # (CSV/TSV/JSONL/Parquet + --columns), or "folder": --videos of videos with sidecar NAME.txt captions
+    dataset: Literal[
+        "webvid",
+        "cc_sbu_align",
+        "llava",
+        "videochat",
+        "panda70m",
+        "internvid",
+        "openvid",
+        "manifest",
+        "folder",
+    ] = "webvid"
+    # manifest column mapping, e.g. "video=path,caption=text,start=t0,end=t1" (also overrides a preset's)
+    columns: str | None = None
     images: str | None = None
     output: str = ""
     format: Literal["webdataset", "arrow"] = "webdataset"
@@ -135,6 +149,20 @@ class PreprocessConfig:
             return
         if self.images:
             raise ConfigError(f"images: dataset={self.dataset} reads videos, not --images")
+        if self.columns and self.dataset not in ("panda70m", "internvid", "openvid", "manifest"):
+            raise ConfigError(
+                f"columns: dataset={self.dataset} has fixed columns; --columns is for manifests"
+            )
+        if self.dataset == "manifest" and not self.columns:
+            raise ConfigError(
+                "columns: dataset=manifest needs --columns video=COL,caption=COL[,start=COL,end=COL]"
+            )
+        if self.dataset == "folder":
+            if not self.videos or self.annotations or self.tars:
+                raise ConfigError(
+                    "input: dataset=folder takes only --videos DIR (videos with NAME.txt captions)"
+                )
+            return
         if self.tars and (self.annotations or self.videos or self.dataset != "webvid"):
             raise ConfigError(
                 "give either --tars (WebVid WebDataset tars) or --annotations/--videos, not both"
@@ -156,7 +184,9 @@ class PreprocessConfig:
         """Hash of everything that changes the shards' contents; a rerun must match it to resume."""
         return fingerprint(
             {
-                "input": [self.dataset, self.annotations, self.videos, self.images, self.tars, self.limit],
+                # the column mapping only when given, so folders written before it existed still resume
+                "input": [self.dataset, self.annotations, self.videos, self.images, self.tars, self.limit]
+                + ([self.columns] if self.columns else []),
                 "format": self.format,
                 "samples_per_shard": self.samples_per_shard,
                 "frames": [

@@ -40,6 +40,26 @@ def _caption_from(members: dict[str, tarfile.TarInfo], tar: tarfile.TarFile) -> 
     return None, meta
 
 
+# video members of a WebDataset sample, by preference (video2dataset writes mp4 by default, webm on request)
+VIDEO_MEMBERS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
+
+
+def clip_span(meta: dict[str, Any]) -> list[float] | None:
+    """video2dataset's ``clips: [[start, end]]`` (seconds or ``HH:MM:SS.mmm``): where a clip it cut lies in
+    its source video. The clip's own timestamps start at 0 (it cuts with ``reset_timestamps``)."""
+    from preprocess.corpora import parse_time
+
+    clips = meta.get("clips")
+    if not isinstance(clips, list) or len(clips) != 1:
+        return None
+    span = clips[0]
+    try:
+        start, end = (parse_time(t) for t in span)
+    except (TypeError, ValueError):
+        return None
+    return [start, end]
+
+
 def read_tars(folder: str, limit: int | None = None) -> list[dict[str, Any]]:
     """One row per sample key in a folder of WebDataset tars (sorted), video bytes located by offset."""
     root = Path(folder)
@@ -65,21 +85,23 @@ def read_tars(folder: str, limit: int | None = None) -> list[dict[str, Any]]:
             if limit is not None and len(rows) >= limit:
                 return rows
             caption, meta = _caption_from(members, tar) if tar is not None else (None, {})
-            video = members.get("mp4")
+            video = next((members[e] for e in VIDEO_MEMBERS if e in members), None)
             source = (
                 {"tar": str(tpath), "offset": video.offset_data, "size": video.size, "member": video.name}
                 if video is not None
-                else {"error": "sample has no .mp4 member"}
+                else {"error": "sample has no video member (.mp4, .webm, ...)", "reason": "missing_file"}
             )
             vid = meta.get("videoid")
-            rows.append(
-                {
-                    "row": len(rows),
-                    "videoid": str(vid) if vid is not None else os.path.basename(key),
-                    "caption": caption,
-                    "source": source,
-                }
-            )
+            row = {
+                "row": len(rows),
+                "videoid": str(vid) if vid is not None else os.path.basename(key),
+                "caption": caption,
+                "source": source,
+            }
+            span = clip_span(meta)
+            if span is not None:
+                row["clip_span"] = span
+            rows.append(row)
         if tar is not None:
             tar.close()
         if broken:

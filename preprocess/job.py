@@ -394,6 +394,14 @@ def _check_encoder(cfg: PreprocessConfig, identity: str) -> None:
         write_json({"encoder": identity}, path)
 
 
+def _conform(part: pa.Table) -> pa.Table:
+    """A part written before the index gained columns (a resumed folder) gets them as nulls."""
+    for field in INDEX_SCHEMA:
+        if field.name not in part.column_names:
+            part = part.append_column(field, pa.nulls(part.num_rows, field.type))
+    return part.select(INDEX_SCHEMA.names)
+
+
 def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Counter]:
     """Stream the shards' index parts, in order, into ``index.parquet``; returns (ok, failures)."""
     final = Path(cfg.output) / INDEX_FILE
@@ -402,7 +410,7 @@ def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Cou
     pending: list[pa.Table] = []
     with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
         for plan in plans:
-            part = pq.read_table(part_path(cfg, plan.shard)).replace_schema_metadata(None)
+            part = _conform(pq.read_table(part_path(cfg, plan.shard)).replace_schema_metadata(None))
             rows = part.column("row").to_numpy()
             if not np.array_equal(rows, np.arange(plan.first_row, plan.first_row + plan.rows)):
                 raise RuntimeError(f"internal error: index part of shard {plan.shard} does not hold its rows")

@@ -38,6 +38,8 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 NULLS = ["", "NaN", "nan", "NULL", "null", "None"]
+# inputs read by preprocess.corpora: --annotations + --videos (the folder reader: --videos only)
+CORPORA = ("panda70m", "internvid", "openvid", "manifest", "folder")
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,21 @@ def _chunks(rows: list[dict[str, Any]], n: int = 4096) -> Iterator[pa.RecordBatc
 def check_inputs(cfg: PreprocessConfig) -> None:
     """What can be checked about a WebVid input without reading it: the videos folder, the files and
     their headers (tars and instruction sets are checked as they are read)."""
-    if cfg.tars or cfg.dataset != "webvid":
+    if cfg.tars or cfg.dataset not in ("webvid", *CORPORA):
         return
     vdir = Path(cfg.videos)
     if not vdir.is_dir():
         raise ConfigError(f"videos: {str(vdir)!r} is not a folder")
     if not os.access(vdir, os.R_OK | os.X_OK):
         raise ConfigError(f"videos: folder {str(vdir)!r} is not readable")
+    if cfg.dataset in CORPORA:
+        from preprocess.corpora import check_columns, column_mapping, manifest_files
+
+        if cfg.dataset != "folder":
+            mapping = column_mapping(cfg.dataset, cfg.columns)
+            for f in manifest_files(cfg.annotations):
+                check_columns(f, mapping)
+        return
     for f in annotation_files(cfg.annotations):
         check_header(f)
 
@@ -174,6 +184,15 @@ def input_batches(cfg: PreprocessConfig) -> Iterator[pa.RecordBatch]:
 
     if cfg.tars:
         yield from _chunks(read_tars(cfg.tars, cfg.limit))
+    elif cfg.dataset == "folder":
+        from preprocess.corpora import folder_rows
+
+        yield from map(_records_batch, folder_rows(cfg.videos))
+    elif cfg.dataset in CORPORA:
+        from preprocess.corpora import column_mapping, manifest_files, manifest_rows
+
+        mapping = column_mapping(cfg.dataset, cfg.columns)
+        yield from map(_records_batch, manifest_rows(manifest_files(cfg.annotations), mapping, cfg.videos))
     elif cfg.dataset == "webvid":
         for f in annotation_files(cfg.annotations):
             yield from stream_csv(f)

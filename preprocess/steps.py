@@ -37,6 +37,7 @@ from pipeline.shards import (
 )
 from pipeline.video import BoundedDecoder, DecodeFailure, SamplingSpec
 from preprocess.config import PreprocessConfig
+from preprocess.corpora import VIDEO_EXTENSIONS
 from preprocess.inputs import is_missing
 from preprocess.plan import read_shard_rows
 
@@ -46,7 +47,7 @@ def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
     src = row["source"]
     if "error" in src:
         err = src["error"]
-        reason = (
+        reason = src.get("reason") or (
             "malformed_record"
             if err.startswith("malformed")
             else "missing_file"
@@ -62,11 +63,42 @@ def resolve_source(row: dict[str, Any]) -> dict[str, Any]:
         return src
     if "media" in src:  # instruction sets: a path relative to --images / --videos
         return _checked_path(src["media"], str(src["rel"]))
+    if "find" in src:  # corpora and manifests: an id or a relative path under --videos
+        return {**find_video(src["videos"], src["find"]), **segment(row)}
     if is_missing(src["videoid"]):
         raise DecodeFailure("missing_videoid", "empty videoid")
     if is_missing(src["page_dir"]):
         raise DecodeFailure("empty_page_dir", "empty page_dir: the video's folder is unknown")
     return _checked_path(src["videos"], os.path.join(str(src["page_dir"]), f"{src['videoid']}.mp4"))
+
+
+def find_video(root: str, name: str) -> dict[str, Any]:
+    """``name`` under ``root``: as given when it ends in a video extension, else ``name`` + the first
+    of ``VIDEO_EXTENSIONS`` that exists. Never a file outside ``root`` (``_checked_path``)."""
+    if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+        return _checked_path(root, name)
+    for ext in VIDEO_EXTENSIONS:
+        try:
+            return _checked_path(root, name + ext)
+        except DecodeFailure as e:
+            if e.reason != "missing_file":
+                raise
+    raise DecodeFailure(
+        "missing_file", f"no {name}.{{{','.join(e[1:] for e in VIDEO_EXTENSIONS)}}} in the videos folder"
+    )
+
+
+def segment(row: dict[str, Any]) -> dict[str, float]:
+    """The row's ``start``/``end`` (seconds) for the decoder; ``{}`` for a whole-file row. What needs the
+    video (outside it, shorter than a frame) is judged by the decoder (``pipeline.video.segment_span``)."""
+    if "start" not in row:
+        return {}
+    start, end = float(row["start"]), float(row["end"])
+    if start < 0:
+        raise DecodeFailure("segment_outside_video", f"segment starts at {start:g} s, before the video")
+    if start >= end:
+        raise DecodeFailure("segment_inverted", f"segment start {start:g} s is not before its end {end:g} s")
+    return {"start": start, "end": end}
 
 
 def _checked_path(root: str, rel: str) -> dict[str, Any]:
@@ -98,8 +130,16 @@ def sampling_spec(cfg: PreprocessConfig) -> SamplingSpec:
     )
 
 
-def index_row(row: dict[str, Any], status: str, reason: str = "", message: str = "", shard: str = "") -> dict:
+def index_row(
+    row: dict[str, Any], status: str, reason: str = "", message: str = "", shard: str = "", meta=None
+) -> dict:
+    """The row's line in ``index.parquet``; an ok row also records its frames' times (the first view's)
+    and, for a segment, its ``start``/``end``, all in seconds of the source video."""
     ok = status == "ok"
+    meta = meta or {}
+    times = meta.get("timestamps")
+    if times and isinstance(times[0], list):
+        times = times[0]
     return {
         "row": row["row"],
         "videoid": None if is_missing(row.get("videoid")) else str(row["videoid"]),
@@ -108,6 +148,9 @@ def index_row(row: dict[str, Any], status: str, reason: str = "", message: str =
         "message": message or None,
         "shard": shard if ok else None,
         "key": sample_key(row["row"]) if ok else None,
+        "start": meta.get("start", row.get("start") if isinstance(row.get("start"), float) else None),
+        "end": meta.get("end", row.get("end") if isinstance(row.get("end"), float) else None),
+        "timestamps": times,
     }
 
 
@@ -196,6 +239,12 @@ def make_sample(row: dict[str, Any], source: dict[str, Any], caption: str, clip:
         "source": source.get("rel") or source.get("member"),
         **clip,
     }
+    for extra in (
+        "segment",
+        "clip_span",
+    ):  # a segment's place in its video's list; a video2dataset clip's span
+        if extra in row:
+            meta[extra] = row[extra]
     if "conversations" in row:
         meta["conversations"] = row["conversations"]
     return {"key": sample_key(row["row"]), "caption": caption, "meta": meta, "frames": frames}
@@ -255,7 +304,7 @@ def process_rows(
                 pending["reasons"][result.reason] = pending["reasons"].get(result.reason, 0) + 1
             else:
                 writer.write(result)
-                index.append(index_row(row, "ok", shard=name))
+                index.append(index_row(row, "ok", shard=name, meta=result["meta"]))
                 pending["ok"] += 1
             if report is not None and time.monotonic() - last > 1.0:
                 report(pending)
