@@ -247,7 +247,7 @@ def train(config_path, overrides) -> None:
         summary = run(cfg)
     except ConfigError as e:
         _fail(e)
-    if summary["rank"] == 0:
+    if summary["rank"] == 0 and not summary.get("already_complete"):  # that case printed its line
         run_dir = summary["run_dir"]
         click.echo(
             f"[train] done: {summary['steps']}/{summary['max_steps']} steps, loss {summary['loss']:.4f}, "

@@ -261,6 +261,18 @@ def write_json(data: Any, final: Path) -> None:
 # ---- readers ---------------------------------------------------------------------------------------
 
 
+def unfinished_output(folder: str | Path) -> str | None:
+    """Why ``folder`` is the output of a preprocess job that has not finished (killed, crashed, or still
+    running), else None. A finished job removes its plan and staging area and writes the index and the
+    summary last; a folder of shards not written by the job (no config marker) is taken as it is."""
+    folder = Path(folder)
+    left = [n for n in (PLAN_FILE, STAGING_DIR) if (folder / n).exists()]
+    missing = [n for n in (INDEX_FILE, SUMMARY_FILE) if not (folder / n).is_file()]
+    if not left and not ((folder / CONFIG_FILE).is_file() and missing):
+        return None
+    return ", ".join([f"{n} present" for n in left] + [f"no {n}" for n in missing])
+
+
 def list_shards(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(

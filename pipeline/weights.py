@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.config import load_config, save_yaml
 from pipeline.model import ModelConfig, VideoLLaMA, vit_g
-from pipeline.rundir import MODEL_CONFIG, TRAINABLE_WEIGHTS
+from pipeline.rundir import COMPLETE, MODEL_CONFIG, TRAINABLE_WEIGHTS
 
 EXPORT_FORMAT = "videollama-pipeline/trainable-v1"
 # Key of a ``.pth`` written by this project holding the ModelConfig (plain data, loads with
@@ -428,9 +428,63 @@ def export_trainable(model_or_sd: VideoLLaMA | dict[str, torch.Tensor], cfg: Mod
     return out
 
 
-def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config."""
+def sha256_file(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def verify_export(directory: str | Path) -> None:
+    """Refuse an export whose files differ from the size and SHA-256 recorded when it was written.
+
+    The record is the ``COMPLETE`` file next to it: a checkpoint's (``step_N/COMPLETE`` lists
+    ``export/...``) or a finished run's (``RUN/COMPLETE`` for ``RUN/export``). An export without one
+    (a ``convert`` output, a run from before the digests were recorded) has nothing to compare."""
     directory = Path(directory)
+    record = directory.parent / COMPLETE
+    if not record.is_file():
+        return
+    try:
+        files = json.loads(record.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        raise WeightsError(
+            f"{record} is not valid JSON: the digests of {directory} cannot be checked"
+        ) from None
+    prefix = directory.name + "/"
+    for rel, (size, digest) in files.items():
+        if not rel.startswith(prefix):
+            continue
+        f = directory / rel.removeprefix(prefix)
+        if not f.is_file():
+            raise WeightsError(f"{f} is missing ({record} lists it)")
+        if f.stat().st_size != size or sha256_file(f) != digest:
+            raise WeightsError(
+                f"{f} does not hold the bytes it was written with (its SHA-256 differs from the one "
+                f"{record} recorded): refused; restore it or use another export"
+            )
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights of a diverged run: they caption nothing or fail inside sampling."""
+    if bad := nonfinite_tensors(sd):
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise WeightsError(
+            f"{where} holds non-finite weights (NaN or inf in {shown}): the run that wrote it diverged; "
+            "use an earlier checkpoint's export"
+        )
+
+
+def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config;
+    its files are checked against the digests recorded when it was written (:func:`verify_export`)."""
+    directory = Path(directory)
+    verify_export(directory)
     cfg = load_config(ModelConfig, directory / MODEL_CONFIG)
     path = directory / TRAINABLE_WEIGHTS
     try:
@@ -448,6 +502,7 @@ def load_trainable_weights(model: VideoLLaMA, src: str | Path) -> LoadReport:
         report = LoadReport()
     else:
         sd, report = import_videollama_checkpoint(src, model.cfg)
+    check_finite(sd, src)
     return _load_into(model, sd, trainable_shapes(model.cfg), str(src), report)
 
 

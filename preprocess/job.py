@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, check_writable, to_dict
+from pipeline.folderlock import LOCK_FILE, folder_lock
 from pipeline.raycluster import init_ray, quiet_actor_restart_warning, shutdown_ray
 from pipeline.shards import (
     CONFIG_FILE,
@@ -92,7 +93,7 @@ def check_output(cfg: PreprocessConfig) -> None:
                 f"{', '.join(f'{k}: {a!r} there vs {b!r} now' for k, (a, b) in diff.items()) or 'inputs'}); "
                 "use a new output folder or the same arguments"
             )
-    elif any(out.iterdir()):
+    elif any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ConfigError(f"output: {cfg.output!r} is not empty and was not written by this job")
 
 
@@ -208,11 +209,20 @@ def format_reasons(reasons: dict[str, int], top: int = 4) -> str:
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``)."""
-
+    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``). The job holds the
+    output folder's lock (pipeline.folderlock): a second job into it is refused in one line."""
     timing: dict[str, float] = {"start_to_run_s": _since_process_start()}
-    t_start = time.monotonic()
     resolve_paths(cfg)
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
+    check_writable(out)
+    with folder_lock(out, "output", "preprocess"):
+        return _run(cfg, timing)
+
+
+def _run(cfg: PreprocessConfig, timing: dict[str, float]) -> dict[str, Any]:
+    t_start = time.monotonic()
     check_output(cfg)
     check_inputs(cfg)
 

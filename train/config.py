@@ -33,6 +33,7 @@ RESUMABLE_KEYS = (
     "log_every",
     "run_name",
     "data.prefetch",
+    "optim.skip_nonfinite",  # a run stopped at a non-finite step is rerun with a skip budget
     "eval.",  # validation only reads the model
 )
 
@@ -71,6 +72,9 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
     prefetch: int = 2
     seed: int | None = None  # shard order; default: the run seed
+    # the output of a preprocess job that did not finish (_plan.arrow, _staging/, no summary.json) is
+    # refused; true trains on the shards it has, with a warning
+    allow_unfinished: bool = False
 
     def specs(self) -> list[DatasetSpec]:
         """The datasets to mix, each with its frame count resolved."""
@@ -90,6 +94,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (the original clips nothing)
+    # steps with a non-finite loss or gradient norm skipped (update not applied, logged) before the run
+    # stops; 0: stop at the first one. Either way no checkpoint holds a non-finite step.
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -174,6 +181,8 @@ class TrainConfig:
             raise ConfigError("optim: learning rates must be >= 0 (init_lr > 0) and warmup_steps >= 0")
         if o.grad_clip < 0:
             raise ConfigError("optim.grad_clip: must be >= 0 (0: no clipping)")
+        if o.skip_nonfinite < 0:
+            raise ConfigError("optim.skip_nonfinite: must be >= 0 (0: stop at the first non-finite step)")
 
     @classmethod
     def fill_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
