@@ -7,6 +7,7 @@ python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML fil
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 python cli.py plan --config configs/stage1_vit-g_7b.yaml --gpus 8 --gpu-memory 80
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
+python cli.py apply-delta --base models/llama-13b --delta models/vicuna-13b-delta-v0 --target models/vicuna-13b
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
@@ -226,6 +227,29 @@ def convert(src: str, dst: str, preset: str | None, cast_float32: bool) -> None:
     except (WeightsError, ConfigError) as e:
         _fail(e)
     click.echo(f"{src} -> {dst}\n{report}")
+
+
+@main.command("apply-delta")
+@click.option(
+    "--base", required=True, type=click.Path(file_okay=False), help="base LLM folder (e.g. LLaMA-13B)"
+)
+@click.option(
+    "--delta", required=True, type=click.Path(file_okay=False), help="delta folder (e.g. vicuna-13b-delta-v0)"
+)
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="folder to write")
+def apply_delta(base: str, delta: str, target: str) -> None:
+    """TARGET = BASE + DELTA tensor by tensor (FastChat's semantics; Vicuna v0 was released as deltas).
+
+    Streams one shard at a time and writes safetensors shards that from_pretrained loads, with the
+    delta's tokenizer and config (and any embedding rows the delta adds); prints the peak RSS."""
+    from pipeline.delta import DeltaError
+    from pipeline.delta import apply_delta as run
+
+    try:
+        report = run(base, delta, target)
+    except DeltaError as e:
+        _fail(e)
+    click.echo(f"{base} + {delta} -> {target}\n{report}")
 
 
 @main.command()
