@@ -68,8 +68,10 @@ standin() {  # standin NAME OUTPUT COMMAND...: the step, or its output copied fr
 rm -rf "$DEMO" && mkdir -p "$DEMO/logs"
 # On a fresh clone DeepSpeed JIT-compiles its CPU comm op in the first training (25-70 s of C++). Build it
 # now in the background at low priority, so the idle moments of the steps before stage 1 (imports, Ray
-# start-up, waits on decoders) pay for it; stage 1 waits for it. A no-op once built.
-nice -n 10 "$PY" -c "
+# start-up, waits on decoders) pay for it; stage 1 waits for it. A no-op once built (without even the
+# deepspeed import when the Makefile's TORCH_EXTENSIONS_DIR already holds it).
+BUILT=${TORCH_EXTENSIONS_DIR:-/nonexistent}/deepspeed_shm_comm/deepspeed_shm_comm.so
+[ -f "$BUILT" ] || nice -n 10 "$PY" -c "
 from pipeline.distributed import comm_op_build_pending
 if comm_op_build_pending():
     from deepspeed.accelerator import get_accelerator
