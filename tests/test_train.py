@@ -202,13 +202,27 @@ def test_mismatched_shards_are_refused(shards, tmp_path):
 # ---- training runs -----------------------------------------------------------------------------
 
 
-def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp_path):
+# One 40-step run with checkpoints and MLflow, trained once for the checks that only read it (they copy
+# it before changing anything).
+TRAINED_STEPS = 40
+TRAINED_ARGS = ("save_every=10", "optim.init_lr=5e-3")
+
+
+@pytest.fixture(scope="module")
+def trained_run(shards, tmp_path_factory) -> tuple[Path, str]:
+    """(run folder, the launcher's stdout) of ``TRAINED_STEPS`` single-process steps on ``shards``."""
+    run_dir = tmp_path_factory.mktemp("trained_run") / "run"
+    p = run_train(
+        1, f"data.shards={shards}", f"run_dir={run_dir}", *TRAINED_ARGS, f"max_steps={TRAINED_STEPS}"
+    )
+    return run_dir, p.stdout
+
+
+def test_single_process_memorises_checkpoints_and_logs_to_mlflow(trained_run):
     from mlflow.tracking import MlflowClient
 
-    run_dir = tmp_path / "run"
-    args = [f"data.shards={shards}", f"run_dir={run_dir}", "save_every=10", "optim.init_lr=5e-3"]
-    p = run_train(1, *args, "max_steps=40")
-    assert p.stdout.startswith("[train] starting 1 process(es): importing torch + DeepSpeed")
+    run_dir, stdout = trained_run
+    assert stdout.startswith("[train] starting 1 process(es): importing torch + DeepSpeed")
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, 41))
     first, last = np.mean([loss[s] for s in range(1, 5)]), np.mean([loss[s] for s in range(36, 41)])
@@ -241,10 +255,21 @@ def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [loss[s] for s in range(1, 41)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "export"}
 
-    # the same command with more steps continues the run and the MLflow run
-    run_train(1, *args, "max_steps=45")
+
+def test_more_steps_continue_the_run_and_its_mlflow_run(shards, trained_run, tmp_path):
+    """The same command with more steps continues the run and the MLflow run (on a copy of the shared
+    run folder, which resumes into itself)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    run_train(1, f"data.shards={shards}", f"run_dir={run_dir}", *TRAINED_ARGS, "max_steps=45")
     assert sorted(losses(run_dir)) == list(range(1, 46))
     assert (run_dir / "mlflow_run_id").read_text() == run_id
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     assert len(client.get_metric_history(run_id, "loss")) == 45
     assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -426,15 +451,14 @@ def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     assert rows[-1]["step"] == 4 and rows[-1]["data_errors"] == 2
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, trained_run, tmp_path):
     """Truncated optimizer state / train-state JSON, missing model states, a flipped byte inside a tensor
     (which torch.load reads silently): the previous intact checkpoint is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
     import shutil
 
-    args = [f"data.shards={shards}", "max_steps=4", "save_every=2", "tracking=false", "data.workers=1"]
-    ref = tmp_path / "ref"
-    run_train(1, *args, f"run_dir={ref}")
-    step2, step4 = (ref / "checkpoints" / f"step_0000000{s}" for s in (2, 4))
+    args = [f"data.shards={shards}", *TRAINED_ARGS, f"max_steps={TRAINED_STEPS}"]
+    ref = trained_run[0]  # checkpoints at steps 30 and 40 (keep_last 2); copied before any change
+    step2, step4 = (ref / "checkpoints" / f"step_000000{s}" for s in (30, 40))
     assert checkpoint.problems(step4) == []
 
     def damaged(name: str, change) -> Path:
@@ -475,11 +499,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
     assert (state / "checkpoints" / f"broken_{step4.name}").is_dir()
     assert checkpoint.resume_point(bits, rank=0).name == step2.name
 
-    (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 3-4 from the step-2 checkpoint
+    (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 31-40 from the step-30 checkpoint
     p = run_train(1, *args, f"run_dir={optim}")
     assert f"warning: checkpoint {step4.name} is damaged" in p.stdout
     assert f"resumed from {optim / 'checkpoints' / step2.name}" in p.stdout
-    assert losses(optim) == {s: v for s, v in losses(ref).items() if s > 2}
+    assert losses(optim) == {s: v for s, v in losses(ref).items() if s > 30}
 
     cut(model / "checkpoints" / step2.name / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     p = run_train(1, *args, f"run_dir={model}", check=False)
