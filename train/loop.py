@@ -242,7 +242,8 @@ def finished_run(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
     rather than starting again from step 0 over its export."""
     try:
         done = json.loads((run_dir / COMPLETE).read_text())
-    except (OSError, ValueError):
+        int(done["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if done["step"] >= max_steps:
         return done
