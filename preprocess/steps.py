@@ -255,6 +255,7 @@ def process_rows(
                 index.append(index_row(row, "failed", result.reason, result.message))
                 pending["failed"] += 1
                 pending["reasons"][result.reason] = pending["reasons"].get(result.reason, 0) + 1
+                pending.setdefault("examples", {}).setdefault(result.reason, result.message)
             else:
                 writer.write(result)
                 index.append(index_row(row, "ok", shard=name))
