@@ -20,6 +20,7 @@ the same bytes as an uninterrupted run. The driver keeps O(shards) state: no per
 from __future__ import annotations
 
 import _thread
+import errno
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, check_writable, to_dict
+from pipeline.config import ConfigError, check_writable, out_of_space, to_dict
 from pipeline.raycluster import init_ray, quiet_actor_restart_warning, shutdown_ray
 from pipeline.shards import (
     CONFIG_FILE,
@@ -241,8 +242,17 @@ def format_reasons(reasons: dict[str, int], top: int = 4) -> str:
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``)."""
+    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``). A full disk is one
+    line naming the folder (committed shards stay and a rerun resumes), not a Ray traceback."""
+    try:
+        return _run(cfg)
+    except Exception as e:
+        if (full := out_of_space(e, cfg.output)) is not None:
+            raise full from None
+        raise
 
+
+def _run(cfg: PreprocessConfig) -> dict[str, Any]:
     timing: dict[str, float] = {"start_to_run_s": _since_process_start()}
     t_start = time.monotonic()
     resolve_paths(cfg)
@@ -369,8 +379,15 @@ def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing:
         out = []
         for fields in json.loads(item["units"]):
             unit = WorkUnit(**fields)
-            ready = process_unit(unit, cfg, tracker)
-            out.append({"shard": unit.shard, "units": unit.units, "digest": unit.digest, "ready": ready})
+            row = {"shard": unit.shard, "units": unit.units, "digest": unit.digest, "no_space": ""}
+            try:
+                row["ready"] = process_unit(unit, cfg, tracker)
+            except OSError as e:  # the driver says it in one line, without Ray's task traceback
+                if e.errno != errno.ENOSPC:
+                    raise
+                out.append({**row, "ready": False, "no_space": e.filename or cfg.output})
+                break
+            out.append(row)
         return out
 
     items = [{"units": json.dumps([vars(u) for u in group])} for group in group_units(units)]
@@ -409,6 +426,8 @@ def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing:
                 for i, rec in enumerate(ds.iter_rows()):
                     if i == 0:
                         timing["first_unit_s"] = time.monotonic() - t0
+                    if rec["no_space"]:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rec["no_space"]))
                     if "encoder" in rec:
                         _check_encoder(cfg, str(rec["encoder"]))
                     if found := ray.get(tracker.suspect.remote(cfg.config_check_rows)):
