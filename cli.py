@@ -393,7 +393,8 @@ def _infer_errors():
 @click.option("--num-frames", type=int, help="frames sampled per video, uniformly [8]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines {video, caption}")
 def caption(checkpoint, videos, as_json, **flags) -> None:
-    """Caption VIDEOS with CHECKPOINT: one line per readable video, in order.
+    """Caption VIDEOS with CHECKPOINT: one line per readable video, in order; with several videos each
+    line is ``VIDEO<TAB>caption``, so a failed file shifts nothing.
 
     CHECKPOINT is a training run directory (its newest export), a trainable export directory or a
     released Video-LLaMA .pth. Extra args of the form key=value override config keys, e.g.
@@ -416,7 +417,8 @@ def caption(checkpoint, videos, as_json, **flags) -> None:
         if as_json:
             click.echo(json.dumps(r))
         elif "caption" in r:
-            click.echo(r["caption"].replace("\n", " "))
+            text = r["caption"].replace("\n", " ")
+            click.echo(f"{r['video']}\t{text}" if len(results) > 1 else text)
     if failed := sum("error" in r for r in results):
         _fail(f"{failed} of {len(results)} videos could not be captioned")
 

@@ -173,18 +173,23 @@ def test_caption_of_several_files_captions_the_readable_ones_and_names_the_bad(d
     gen = ["--greedy", "--max-new-tokens", "6"]
     alone = _cli("caption", str(run_dir), good_a, good_b, *gen)
     assert alone.exit_code == 0, alone.output
+    named = dict(line.split("\t") for line in alone.stdout.splitlines())  # VIDEO<TAB>caption
+    assert list(named) == [good_a, good_b] and all(named.values())
+    one = _cli("caption", str(run_dir), good_b, *gen)  # one video: the bare caption
+    assert one.stdout == named[good_b] + "\n"
     r = _cli("caption", str(run_dir), good_a, bad, str(folder), good_b, missing, *gen, "--json")
     assert r.exit_code == 1
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["video"] for row in rows] == [good_a, bad, str(folder), good_b, missing]
-    assert [row["caption"] for row in rows if "caption" in row] == alone.stdout.splitlines()
+    assert [row["caption"] for row in rows if "caption" in row] == list(named.values())
     assert [row.get("reason") for row in rows] == [None, "decode_error", "not_a_file", None, "missing_file"]
     errors = r.stderr.splitlines()
     assert len(errors) == 4 and "is a directory, not a video file" in errors[1]
     assert all(e.startswith("Error: ") for e in errors) and "3 of 5 videos" in errors[-1]
     assert all(path in r.stderr for path in (bad, str(folder), missing))
-    plain = _cli("caption", str(run_dir), good_a, str(folder), *gen)
-    assert plain.exit_code == 1 and plain.stdout.splitlines() == alone.stdout.splitlines()[:1]
+    plain = _cli("caption", str(run_dir), bad, good_b, str(folder), good_a, *gen)
+    assert plain.exit_code == 1  # the failed files are named on stderr; no caption moves to their line
+    assert plain.stdout.splitlines() == [f"{good_b}\t{named[good_b]}", f"{good_a}\t{named[good_a]}"]
 
 
 def test_chat_with_empty_stdin_says_so(data, run_dir):

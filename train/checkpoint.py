@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, out_of_space
 from pipeline.distributed import barrier
 from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, TRAINABLE_WEIGHTS, checkpoint_tag, train_state_file
 from pipeline.shards import write_json
@@ -220,7 +220,18 @@ def resume_point(run_dir: str | Path, rank: int) -> Path | None:
 def save(
     engine, run_dir: str | Path, state: TrainState, rank: int, export_fn=None, keep_last: int = 2
 ) -> Path:
-    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``."""
+    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``.
+    A full disk is one line naming the folder (torch.save says only ``unexpected pos``); the partial
+    checkpoint has no COMPLETE marker, so a resume ignores it."""
+    try:
+        return _save(engine, run_dir, state, rank, export_fn, keep_last)
+    except (OSError, RuntimeError) as e:
+        if (full := out_of_space(e, Path(run_dir) / CHECKPOINTS / checkpoint_tag(state.step))) is not None:
+            raise full from None
+        raise
+
+
+def _save(engine, run_dir: str | Path, state: TrainState, rank: int, export_fn, keep_last: int) -> Path:
     step = state.step
     root = Path(run_dir) / CHECKPOINTS
     path = root / checkpoint_tag(step)
