@@ -95,3 +95,22 @@ def test_a_cut_download_stays_failed(files, name):
         decode_clip({"path": str(files[name])}, SamplingSpec(size=56), [0, 0])
     assert e.value.reason == "truncated", e.value
     assert "the header declares" in e.value.message
+
+
+@pytest.mark.parametrize("name", ["avi", "mp4"])
+def test_a_segment_of_a_vfr_file_is_what_ffmpeg_shows(files, name):
+    spec = SamplingSpec(size=H, resize="center_crop", num_frames=4, min_frames=4)
+    out = decode_clip({"path": str(files[name]), "start": 10.0, "end": 20.0}, spec, [0, 0])
+    times = out["timestamps"]
+    assert (out["start"], out["end"]) == (10.0, 20.0) and all(10.0 <= t < 20.0 for t in times), times
+    assert all(k * 2.5 - 2.0 <= t - 10.0 < (k + 1) * 2.5 for k, t in enumerate(times)), times  # spread
+    left = (W - H) // 2
+    assert np.array_equal(out["frames"], _shown_at(files[name], times)[:, :, left : left + H])
+
+
+def test_a_segment_past_the_cut_of_a_download_is_truncated(files):
+    spec = SamplingSpec(size=56, num_frames=4, min_frames=4)
+    assert decode_clip({"path": str(files["cut_avi"]), "start": 2.0, "end": 8.0}, spec, [0, 0])["end"] == 8.0
+    with pytest.raises(DecodeFailure) as e:
+        decode_clip({"path": str(files["cut_avi"]), "start": 20.0, "end": 28.0}, spec, [0, 0])
+    assert e.value.reason == "truncated", e.value
