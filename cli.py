@@ -10,6 +10,7 @@ torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py
 python cli.py apply-delta --base models/llama-13b --delta models/vicuna-13b-delta-v0 --target models/vicuna-13b
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
+python cli.py serve RUN_DIR [--host 0.0.0.0 --port 7860]   (local web demo; API: /answer)
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
 python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
 python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy tables.json ...]
@@ -335,8 +336,9 @@ _GEN_FLAGS = {
 }
 
 
-def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | None = None):
-    values = {"model.checkpoint": checkpoint, **(extra or {})}
+def _infer_config(cls, checkpoint: str | None, flags: dict, overrides, extra: dict | None = None, path=None):
+    """``path``: a YAML file of the config's keys, under the flags and the ``key=value`` overrides."""
+    values = {**({"model.checkpoint": checkpoint} if checkpoint else {}), **(extra or {})}
     for k in _MODEL_FLAGS:
         if (v := flags.pop(k, None)) is not None:
             values[f"model.{k}"] = v
@@ -348,7 +350,7 @@ def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | No
         if (v := flags.pop(flag, None)) is not None:
             values[f"generation.{key}"] = v
     values.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(cls, None, list(overrides), values=values)
+    return load_config(cls, path, list(overrides), values=values)
 
 
 def _infer_errors():
@@ -413,6 +415,46 @@ def chat(checkpoint, video, overrides, **flags) -> None:
         flags["template"] = "vicuna"
     try:
         cfg = _infer_config(ChatConfig, checkpoint, flags, overrides, {"video": video})
+        run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("checkpoint", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML of ServeConfig keys")
+@_model_options
+@click.option("--template", type=click.Choice(["vicuna", "llama2"]), help="conversation template [vicuna]")
+@click.option("--greedy", is_flag=True, default=None, help="greedy decoding by default (the page can switch)")
+@click.option("--max-new-tokens", type=int, help="[300]")
+@click.option("--temperature", type=float, help="[1.0]")
+@click.option("--top-p", type=float, help="[0.9]")
+@click.option("--num-frames", type=int, help="frames sampled from a video, uniformly [8]")
+@click.option("--host", help="address to listen on [127.0.0.1]; anything else is reachable by others")
+@click.option("--port", type=int, help="[7860]")
+@click.option("--max-upload-mb", type=float, help="largest upload accepted [200]")
+@click.option(
+    "--example", "examples", multiple=True, help="a video or image offered as an example (repeatable)"
+)
+@click.argument("overrides", nargs=-1)
+def serve(checkpoint, config_path, overrides, **flags) -> None:
+    """Local web demo (Gradio) of CHECKPOINT: upload a video or image, see its frames, chat about it.
+
+    CHECKPOINT is what chat takes (run folder, export, released .pth). It listens on 127.0.0.1:7860;
+    the API: gradio_client.Client(URL).predict(handle_file(VIDEO), QUESTION, api_name="/answer")."""
+    from infer.serve import ServeConfig, run
+
+    flags["examples"] = list(flags["examples"]) or None
+    if checkpoint and "=" in checkpoint and not os.path.exists(checkpoint):  # serve --config F key=value
+        checkpoint, overrides = None, (checkpoint, *overrides)
+    keys = ("max_upload_mb", "num_frames", "host", "port", "examples")
+    values = {k: v for k in keys if (v := flags.pop(k, None)) is not None}
+    try:
+        cfg = _infer_config(ServeConfig, checkpoint, flags, overrides, values, path=config_path)
+        if not cfg.model.checkpoint:
+            raise ConfigError(
+                "serve: give a CHECKPOINT (run folder, export or .pth) or model.checkpoint in --config"
+            )
         run(cfg)
     except _infer_errors() as e:
         _fail(e)
