@@ -6,6 +6,7 @@ python cli.py preprocess --annotations A --videos V --output OUT [--format arrow
 python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 python cli.py plan --config configs/stage1_vit-g_7b.yaml --gpus 8 --gpu-memory 80
+python cli.py import-config ORIGINAL/train_configs/visionbranch_stage1_pretrain.yaml --output my.yaml
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
 python cli.py apply-delta --base models/llama-13b --delta models/vicuna-13b-delta-v0 --target models/vicuna-13b
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
@@ -233,9 +234,23 @@ def apply_delta(base: str, delta: str, target: str) -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file")
+@click.option(
+    "--dry-run", is_flag=True, help="check the config and that every path it names exists, then stop"
+)
 @click.argument("overrides", nargs=-1)
-def train(config_path, overrides) -> None:
+def train(config_path, overrides, dry_run) -> None:
     """Stage-1 or stage-2 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    if dry_run:
+        from train.config import TrainConfig, missing_paths
+
+        try:
+            cfg = load_config(TrainConfig, config_path, list(overrides))
+        except ConfigError as e:
+            _fail(e)
+        if missing := missing_paths(cfg):
+            _fail(ConfigError(f"{len(missing)} path(s) missing: " + "; ".join(missing)))
+        click.echo(f"[train] dry run: {config_path} is valid and every path it names exists")
+        return
     if os.environ.get("RANK", "0") == "0":  # torchrun/deepspeed set RANK; the next lines take ~20-30 s
         world = os.environ.get("WORLD_SIZE", "1")
         click.echo(
@@ -257,6 +272,38 @@ def train(config_path, overrides) -> None:
             f"{summary['samples_seen']} samples from {summary['input']}\n"
             f"  export: {run_dir}/export   checkpoints: {run_dir}/checkpoints   metrics: {run_dir}/metrics.jsonl"
         )
+
+
+@main.command("import-config")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="write the config here instead of stdout")
+def import_config(original: str, output: str | None) -> None:
+    """The original Video-LLaMA's train_configs/*.yaml or eval_configs/*.yaml -> this project's config.
+
+    Prints a TrainConfig (run it: torchrun --nproc_per_node=N cli.py train --config FILE) or, from an
+    eval config, a serve config (python cli.py serve --config FILE); every key that does not carry over
+    is named on stderr with why."""
+    import yaml
+
+    from infer.serve import ServeConfig
+    from pipeline.original_config import import_config as convert
+    from pipeline.original_config import render
+    from train.config import TrainConfig
+
+    try:
+        imported = convert(original)
+        text = render(imported, os.path.basename(original))
+        load_config(TrainConfig if imported.kind == "train" else ServeConfig, values=yaml.safe_load(text))
+    except (ValueError, ConfigError) as e:
+        _fail(e)
+    for note in imported.notes:
+        click.echo(f"[import-config] {note}", err=True)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"[import-config] wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()
