@@ -6,10 +6,12 @@ python cli.py preprocess --annotations A --videos V --output OUT [--format arrow
 python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 python cli.py plan --config configs/stage1_vit-g_7b.yaml --gpus 8 --gpu-memory 80
+python cli.py import-config ORIGINAL/train_configs/visionbranch_stage1_pretrain.yaml --output my.yaml
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
 python cli.py apply-delta --base models/llama-13b --delta models/vicuna-13b-delta-v0 --target models/vicuna-13b
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
+python cli.py serve RUN_DIR [--host 0.0.0.0 --port 7860]   (local web demo; API: /answer)
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
 python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
 python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy tables.json ...]
@@ -254,9 +256,23 @@ def apply_delta(base: str, delta: str, target: str) -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file")
+@click.option(
+    "--dry-run", is_flag=True, help="check the config and that every path it names exists, then stop"
+)
 @click.argument("overrides", nargs=-1)
-def train(config_path, overrides) -> None:
+def train(config_path, overrides, dry_run) -> None:
     """Stage-1 or stage-2 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    if dry_run:
+        from train.config import TrainConfig, missing_paths
+
+        try:
+            cfg = load_config(TrainConfig, config_path, list(overrides))
+        except ConfigError as e:
+            _fail(e)
+        if missing := missing_paths(cfg):
+            _fail(ConfigError(f"{len(missing)} path(s) missing: " + "; ".join(missing)))
+        click.echo(f"[train] dry run: {config_path} is valid and every path it names exists")
+        return
     if os.environ.get("RANK", "0") == "0":  # torchrun/deepspeed set RANK; the next lines take ~20-30 s
         world = os.environ.get("WORLD_SIZE", "1")
         click.echo(
@@ -278,6 +294,38 @@ def train(config_path, overrides) -> None:
             f"{summary['samples_seen']} samples from {summary['input']}\n"
             f"  export: {run_dir}/export   checkpoints: {run_dir}/checkpoints   metrics: {run_dir}/metrics.jsonl"
         )
+
+
+@main.command("import-config")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="write the config here instead of stdout")
+def import_config(original: str, output: str | None) -> None:
+    """The original Video-LLaMA's train_configs/*.yaml or eval_configs/*.yaml -> this project's config.
+
+    Prints a TrainConfig (run it: torchrun --nproc_per_node=N cli.py train --config FILE) or, from an
+    eval config, a serve config (python cli.py serve --config FILE); every key that does not carry over
+    is named on stderr with why."""
+    import yaml
+
+    from infer.serve import ServeConfig
+    from pipeline.original_config import import_config as convert
+    from pipeline.original_config import render
+    from train.config import TrainConfig
+
+    try:
+        imported = convert(original)
+        text = render(imported, os.path.basename(original))
+        load_config(TrainConfig if imported.kind == "train" else ServeConfig, values=yaml.safe_load(text))
+    except (ValueError, ConfigError) as e:
+        _fail(e)
+    for note in imported.notes:
+        click.echo(f"[import-config] {note}", err=True)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"[import-config] wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()
@@ -361,8 +409,9 @@ _GEN_FLAGS = {
 }
 
 
-def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | None = None):
-    values = {"model.checkpoint": checkpoint, **(extra or {})}
+def _infer_config(cls, checkpoint: str | None, flags: dict, overrides, extra: dict | None = None, path=None):
+    """``path``: a YAML file of the config's keys, under the flags and the ``key=value`` overrides."""
+    values = {**({"model.checkpoint": checkpoint} if checkpoint else {}), **(extra or {})}
     for k in _MODEL_FLAGS:
         if (v := flags.pop(k, None)) is not None:
             values[f"model.{k}"] = v
@@ -374,7 +423,7 @@ def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | No
         if (v := flags.pop(flag, None)) is not None:
             values[f"generation.{key}"] = v
     values.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(cls, None, list(overrides), values=values)
+    return load_config(cls, path, list(overrides), values=values)
 
 
 def _infer_errors():
@@ -441,6 +490,46 @@ def chat(checkpoint, video, overrides, **flags) -> None:
         flags["template"] = "vicuna"
     try:
         cfg = _infer_config(ChatConfig, checkpoint, flags, overrides, {"video": video})
+        run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("checkpoint", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML of ServeConfig keys")
+@_model_options
+@click.option("--template", type=click.Choice(["vicuna", "llama2"]), help="conversation template [vicuna]")
+@click.option("--greedy", is_flag=True, default=None, help="greedy decoding by default (the page can switch)")
+@click.option("--max-new-tokens", type=int, help="[300]")
+@click.option("--temperature", type=float, help="[1.0]")
+@click.option("--top-p", type=float, help="[0.9]")
+@click.option("--num-frames", type=int, help="frames sampled from a video, uniformly [8]")
+@click.option("--host", help="address to listen on [127.0.0.1]; anything else is reachable by others")
+@click.option("--port", type=int, help="[7860]")
+@click.option("--max-upload-mb", type=float, help="largest upload accepted [200]")
+@click.option(
+    "--example", "examples", multiple=True, help="a video or image offered as an example (repeatable)"
+)
+@click.argument("overrides", nargs=-1)
+def serve(checkpoint, config_path, overrides, **flags) -> None:
+    """Local web demo (Gradio) of CHECKPOINT: upload a video or image, see its frames, chat about it.
+
+    CHECKPOINT is what chat takes (run folder, export, released .pth). It listens on 127.0.0.1:7860;
+    the API: gradio_client.Client(URL).predict(handle_file(VIDEO), QUESTION, api_name="/answer")."""
+    from infer.serve import ServeConfig, run
+
+    flags["examples"] = list(flags["examples"]) or None
+    if checkpoint and "=" in checkpoint and not os.path.exists(checkpoint):  # serve --config F key=value
+        checkpoint, overrides = None, (checkpoint, *overrides)
+    keys = ("max_upload_mb", "num_frames", "host", "port", "examples")
+    values = {k: v for k in keys if (v := flags.pop(k, None)) is not None}
+    try:
+        cfg = _infer_config(ServeConfig, checkpoint, flags, overrides, values, path=config_path)
+        if not cfg.model.checkpoint:
+            raise ConfigError(
+                "serve: give a CHECKPOINT (run folder, export or .pth) or model.checkpoint in --config"
+            )
         run(cfg)
     except _infer_errors() as e:
         _fail(e)

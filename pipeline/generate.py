@@ -84,8 +84,10 @@ def generate(
     features: torch.Tensor,
     prompts: Sequence[TextSample],
     gen: GenerationConfig,
+    streamer=None,
 ) -> list[str]:
-    """One answer per row of ``features`` [B,T,Q,D] with its prompt; rows may differ in length."""
+    """One answer per row of ``features`` [B,T,Q,D] with its prompt; rows may differ in length.
+    ``streamer`` (a transformers streamer, one row) receives the tokens as they are generated."""
     device = features.device
     batch = {k: v.to(device) for k, v in left_pad(prompts, tokenizer.pad_token_id).items()}
     embeds = model.embed_with_video(batch["input_ids"], batch["video_mask"], model.video_tokens(features))
@@ -103,6 +105,7 @@ def generate(
         tokenizer=tokenizer,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
         **sampling,
     )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -195,6 +195,24 @@ class TrainConfig:
         return {**data, "model": {**dataclasses.asdict(preset(name)), **model}}
 
 
+def missing_paths(cfg: TrainConfig) -> list[str]:
+    """The files and folders ``cfg`` names that do not exist (``train --dry-run``): one line each."""
+    named: dict[str, str | None] = {
+        "model.llm_path": cfg.model.llm_path,
+        **{f"model.{k}": v for k, v in cfg.model.weight_paths().items()},
+        "tokenizer": cfg.tokenizer,
+        "init_from": cfg.init_from,
+        "eval.shards": cfg.eval.shards,
+    }
+    if cfg.data.shards:
+        named["data.shards"] = cfg.data.shards
+    named.update({f"data.datasets[{i}].shards": s.shards for i, s in enumerate(cfg.data.datasets)})
+    zero = Path(cfg.zero_config)  # as train.engine finds it: as given, else in the repository
+    if not zero.is_file() and not (Path(__file__).resolve().parents[1] / zero).is_file():
+        named["zero_config"] = cfg.zero_config
+    return [f"{k}: {v!r} does not exist" for k, v in named.items() if v and not Path(v).exists()]
+
+
 def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
