@@ -44,36 +44,86 @@ def main() -> None:
     "--output", required=True, type=click.Path(file_okay=False), help="folder for annotations/ and videos/"
 )
 @click.option("--clips", default=16, show_default=True, help="number of clips (not with --grounded)")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, help="[0; with --variant: its own]")
 @click.option("--min-seconds", type=float, help="[5]")
 @click.option("--max-seconds", type=float, help="[20; 7 with --grounded]")
 @click.option("--tars", is_flag=True, help="write WebDataset tars of videos instead of CSV + folders")
 @click.option("--faults", is_flag=True, help="add a missing, an empty and a truncated video row")
 @click.option("--grounded", is_flag=True, help="captions that describe the clip: train/ and heldout/ splits")
-@click.option("--per-combination", default=6, show_default=True, help="--grounded: training clips per triple")
+@click.option(
+    "--variant",
+    help="--grounded: a named corpus of the family (standins.sample_data.VARIANTS; its seed unless --seed)",
+)
+@click.option(
+    "--setting",
+    "settings",
+    multiple=True,
+    help="--grounded: KEY=VALUE over the variant's GroundedSettings, e.g. shapes=[square,'wide bar'] "
+    "speed=[15,25] background=flicker per_combination=4 (repeatable)",
+)
+@click.option("--per-combination", type=int, help="--grounded: training clips per triple [6]")
 @click.option("--workers", default=2, show_default=True, help="--grounded: encoding processes")
 def make_sample(
-    output, clips, seed, min_seconds, max_seconds, tars, faults, grounded, per_combination, workers
+    output,
+    clips,
+    seed,
+    min_seconds,
+    max_seconds,
+    tars,
+    faults,
+    grounded,
+    variant,
+    settings,
+    per_combination,
+    workers,
 ) -> None:
     """Write a small synthetic WebVid-layout corpus (596x336 H.264 clips with captions).
 
     --grounded: one coloured shape moving over noise, captioned "a red square moves left", in
-    OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + 4 colour/shape/direction triples never trained
+    OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + colour/shape/direction triples never trained
     on); the CSVs also carry the factors (colour, shape, direction, combination) for pipeline.grounded.
+    --variant and --setting pick a member of the family of grounded corpora (docs/LEARNING.md).
     """
-    from standins.sample_data import make_grounded_sample, make_webvid_sample, make_webvid_tars
+    from standins.sample_data import make_webvid_sample, make_webvid_tars
 
-    seconds = (min_seconds or 5.0, max_seconds or (7.0 if grounded else 20.0))
     if grounded:
-        paths = make_grounded_sample(
-            output, per_combination, seed=seed, seconds=seconds, faults=faults, workers=workers
+        paths = _make_grounded(
+            output, seed, min_seconds, max_seconds, faults, variant, settings, per_combination, workers
         )
         click.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    elif tars:
-        click.echo(make_webvid_tars(output, clips, seed=seed, seconds=seconds))
+        return
+    if variant or settings or per_combination:
+        _fail(ConfigError("--variant, --setting and --per-combination need --grounded"))
+    seconds = (min_seconds or 5.0, max_seconds or 20.0)
+    if tars:
+        click.echo(make_webvid_tars(output, clips, seed=seed or 0, seconds=seconds))
     else:
-        paths = make_webvid_sample(output, clips, seed=seed, seconds=seconds, faults=faults)
+        paths = make_webvid_sample(output, clips, seed=seed or 0, seconds=seconds, faults=faults)
         click.echo(f"annotations: {paths['annotations']}\nvideos: {paths['videos']}")
+
+
+def _make_grounded(
+    output, seed, min_seconds, max_seconds, faults, variant, settings, per_combination, workers
+):
+    import dataclasses
+
+    from standins.sample_data import VARIANTS, GroundedSettings, make_grounded_sample
+
+    if variant is not None and variant not in VARIANTS:
+        _fail(ConfigError(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}"))
+    _, base, variant_seed = VARIANTS[variant or "demo"]
+    values = dataclasses.asdict(base)
+    if min_seconds or max_seconds:
+        values["seconds"] = (min_seconds or base.seconds[0], max_seconds or base.seconds[1])
+    if per_combination is not None:
+        values["per_combination"] = per_combination
+    try:
+        cfg = load_config(GroundedSettings, None, list(settings), values=values)
+        return make_grounded_sample(
+            output, cfg, seed=variant_seed if seed is None else seed, faults=faults, workers=workers
+        )
+    except (ConfigError, ValueError) as e:
+        _fail(e)
 
 
 @main.command("tiny-llm")
@@ -627,9 +677,14 @@ def report(run_dir, shards, overrides, **flags) -> None:
     type=click.Choice(["vicuna", "llama2"]),
     help="stage 2: ask each grounded question in this template; accuracy per question",
 )
+@click.option(
+    "--probe",
+    help="training shards with cached features: linear probes per factor, fitted there and scored on "
+    "SHARDS, printed beside the model's accuracy (what the encoder carries vs what training reached)",
+)
 @click.option("--device", help="cpu, cuda [auto]")
 @click.argument("overrides", nargs=-1)
-def grounded_eval(checkpoint, shards, output, no_ablations, questions, device, overrides) -> None:
+def grounded_eval(checkpoint, shards, output, no_ablations, questions, probe, device, overrides) -> None:
     """Per-factor accuracy (colour, shape, direction) of greedy captions on grounded held-out SHARDS
     (cached features), seen vs novel triples, and the shuffled-features / reversed-frames ablations."""
     from infer.grounded import GroundedEvalConfig, format_questions, format_report, run
@@ -640,6 +695,7 @@ def grounded_eval(checkpoint, shards, output, no_ablations, questions, device, o
         "output": output,
         "ablations": not no_ablations,
         "questions": questions,
+        "probe": probe,
     }
     if device:
         values["model.device"] = device

@@ -94,7 +94,8 @@ wait "$COMM_OP" || echo "[demo] building DeepSpeed's comm op ahead failed ($DEMO
 [ $(($(date +%s) - W)) -gt 0 ] && TIMES+=("comm-op-wait $(($(date +%s) - W))")
 step stage1-train $PY cli.py train --config configs/stage1_tiny.yaml "data.shards=$DEMO/train_shards" \
     "run_dir=$DEMO/run" "model.llm_path=$DEMO/tiny_llm"
-step stage1-eval $PY cli.py grounded-eval "$DEMO/run" "$DEMO/heldout_shards" --output "$DEMO/eval"
+step stage1-eval $PY cli.py grounded-eval "$DEMO/run" "$DEMO/heldout_shards" --output "$DEMO/eval" \
+    --probe "$DEMO/train_shards"
 step stage2-train $PY cli.py train --config configs/stage2_tiny.yaml "init_from=$DEMO/run/export" \
     "run_dir=$DEMO/run_stage2" "model.llm_path=$DEMO/tiny_llm" "data.datasets=[{shards: $DEMO/videochat_shards}]"
 step stage2-eval $PY cli.py grounded-eval "$DEMO/run_stage2" "$DEMO/heldout_shards" --questions vicuna \

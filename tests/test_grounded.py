@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 
 from pipeline import grounded
-from standins.sample_data import GroundedClip, grounded_frames, make_grounded_sample, plan_grounded
+from standins.sample_data import (
+    VARIANTS,
+    GroundedClip,
+    GroundedSettings,
+    grounded_frames,
+    make_grounded_sample,
+    plan_grounded,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_plan_holds_every_seen_triple_and_keeps_the_novel_ones_out_of_training():
-    plan = plan_grounded(6, 1, 3, seed=0, seconds=(5.0, 7.0))
+    plan = plan_grounded(GroundedSettings(), seed=0)
     train = [(c.colour, c.shape, c.direction) for c in plan["train"]]
     held = plan["heldout"]
     assert len(train) == 44 * 6 and len(held) == 44 + 4 * 3
@@ -25,8 +32,12 @@ def test_plan_holds_every_seen_triple_and_keeps_the_novel_ones_out_of_training()
     assert {t: train.count(t) for t in set(train)} == {
         t: 6 for t in grounded.combinations() if t not in grounded.NOVEL
     }
-    assert sorted({(c.colour, c.shape, c.direction) for c in held if c.combination == "novel"}) == sorted(
-        grounded.NOVEL
+    assert (
+        sorted({(c.colour, c.shape, c.direction) for c in held if c.combination == "novel"})
+        == sorted(
+            grounded.NOVEL[:4]  # the demo's shapes: the four triples of its vocabulary
+        )
+        == sorted(grounded.novel())
     )
     ids = [c.videoid for c in plan["train"] + held]
     assert len(set(ids)) == len(ids)
@@ -62,10 +73,10 @@ def test_read_factors_matches_whole_words():
 
 def test_make_sample_grounded_writes_both_splits_with_factors_and_faults(tmp_path):
     """Small clips (the layout, columns and faulty rows are what this checks; sizes are the default's)."""
-    paths = make_grounded_sample(
-        tmp_path, 1, heldout_per_combination=0, novel_per_combination=1, seconds=(1.0, 1.0),
-        width=96, height=64, fps=4, faults=True, workers=1,
-    )  # fmt: skip
+    small = GroundedSettings(
+        per_combination=1, heldout_per_combination=0, novel_per_combination=1, seconds=(1.0, 1.0)
+    )
+    paths = make_grounded_sample(tmp_path, small, width=96, height=64, fps=4, faults=True, workers=1)
     rows = {s: list(csv.DictReader((Path(paths[s]) / "0.csv").open())) for s in ("train", "heldout")}
     assert len(rows["train"]) == 44 + 3 and len(rows["heldout"]) == 4
     good = [r for r in rows["train"] if r["colour"]]
@@ -235,3 +246,59 @@ def test_tiny_stand_ins_check_arguments_and_output_before_training(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
         assert time.monotonic() - t0 < 60
     assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
+
+
+def test_read_factors_reads_two_word_shapes():
+    assert grounded.read_factors("a green wide bar moves up") == {
+        "colour": "green",
+        "shape": "wide bar",
+        "direction": "up",
+    }
+    assert grounded.read_factors("a red bar moves left")["shape"] is None  # neither wide nor tall
+
+
+def _centres(frames, colour):
+    out = []
+    for f in frames:
+        ys, xs = np.nonzero((f == np.array(grounded.COLOURS[colour])).all(-1))
+        out.append((xs.mean(), ys.mean(), np.ptp(xs) + 1, np.ptp(ys) + 1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", ["wide bar", "tall bar"])
+def test_bars_have_their_aspect_and_speed_sets_the_travel(shape):
+    settings = GroundedSettings(shapes=("square", shape), size=(120, 120), bar_aspect=(3, 3), speed=(20, 20))
+    clip = GroundedClip("1", "p", "red", shape, "right", "seen", 6.0, seed=3)
+    frames = [f.copy() for f in grounded_frames(clip, 150, 596, 336, settings)(0, 150)]
+    (x0, _, w, h), (x1, *_) = _centres([frames[0], frames[-1]], "red")
+    assert (w, h) == ((120, 40) if shape == "wide bar" else (40, 120))
+    assert abs((x1 - x0) - 20 * 6.0) <= 1  # 20 px/s for 6 s
+
+
+def test_every_variant_is_valid_and_three_are_held_out():
+    roles = [role for role, _, _ in VARIANTS.values()]
+    assert roles.count("held-out") >= 3 and roles.count("development") >= 1
+    assert len({seed for *_, seed in VARIANTS.values()}) == len(VARIANTS)
+    for _, settings, seed in VARIANTS.values():
+        settings.validate()
+        plan = plan_grounded(settings, seed)
+        train = {(c.colour, c.shape, c.direction) for c in plan["train"]}
+        novel = {(c.colour, c.shape, c.direction) for c in plan["heldout"] if c.combination == "novel"}
+        assert {c.shape for c in plan["train"]} == set(settings.shapes) and not train & novel
+        assert novel == set(grounded.novel(settings.shapes))
+    independent = plan_grounded(VARIANTS["independent"][1], 0)  # issue 20's corpus: 6 + 1 per triple
+    assert len(independent["train"]) == 45 * 6 and {c.shape for c in independent["train"]} == {
+        "square",
+        "wide bar",
+        "tall bar",
+    }
+
+
+def test_bad_settings_are_refused_in_one_line():
+    for bad in (
+        GroundedSettings(shapes=("square", "hexagon")),
+        GroundedSettings(background="stripes"),
+        GroundedSettings(speed=(30, 10)),
+    ):
+        with pytest.raises(ValueError, match="shapes|background|speed"):
+            bad.validate()

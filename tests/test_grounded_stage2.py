@@ -11,17 +11,17 @@ import pytest
 
 from infer.grounded import answer_accuracy
 from pipeline import grounded
-from standins.sample_data import FAULTY_IDS, make_grounded_sample
+from standins.sample_data import FAULTY_IDS, GroundedSettings, make_grounded_sample
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Small clips (2 s, 8 fps, 96x64): the conversations and the accounting are what is checked here."""
     root = tmp_path_factory.mktemp("grounded_s2")
-    return make_grounded_sample(
-        root, 1, heldout_per_combination=0, novel_per_combination=1, seconds=(2.0, 2.0),
-        width=96, height=64, fps=8, faults=True, workers=1,
-    )  # fmt: skip
+    small = GroundedSettings(
+        per_combination=1, heldout_per_combination=0, novel_per_combination=1, seconds=(2.0, 2.0)
+    )
+    return make_grounded_sample(root, small, width=96, height=64, fps=8, faults=True, workers=1)
 
 
 def _rows(corpus, split: str) -> list[dict[str, str]]:
