@@ -454,6 +454,7 @@ def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     assert rows[-1]["step"] == 4 and rows[-1]["data_errors"] == 2
 
 
+@pytest.mark.slow  # three more training processes on copies of the shared run
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, trained_run, tmp_path):
     """Truncated optimizer state / train-state JSON, missing model states, a flipped byte inside a tensor
     (which torch.load reads silently): the previous intact checkpoint is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
