@@ -42,7 +42,9 @@ standin_key() {  # standin_key COMMAND...: what a stand-in's output depends on, 
         echo "$*" | sed "s|$PY|python|"
         "$PY" -c "from importlib.metadata import version as v; print(v('torch'), v('transformers'), v('tokenizers'))"
         find standins pipeline cli.py -name '*.py' -print0 | sort -z | xargs -0 sha256sum
-        for f in "$@"; do [ -d "$f" ] && find "$f" -type f -print0 | sort -z | xargs -0 sha256sum; done
+        for f in "$@"; do
+            if [ -d "$f" ]; then find "$f" -type f -print0 | sort -z | xargs -0 sha256sum; fi
+        done
     } | sha256sum | cut -c1-16
 }
 

@@ -110,6 +110,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_tiny_llm_is_deterministic_and_loads_with_auto_classes(tmp_path):
     """(That it reads its context is asserted on the default steps in test_learning.py.)"""
     import torch
@@ -134,6 +135,7 @@ def test_tiny_llm_is_deterministic_and_loads_with_auto_classes(tmp_path):
     assert llm.config.hidden_size == 64  # the tiny preset's llm_hidden_size: model.llm_path=DIR fits it
 
 
+@pytest.mark.slow  # three CLI processes, each importing torch + transformers
 def test_tiny_llm_refuses_annotations_without_captions(tmp_path):
     (tmp_path / "nocap.csv").write_text("videoid,page_dir\n1,p\n")
     (tmp_path / "empty.csv").write_text("videoid,page_dir,name\n1,p,\n")

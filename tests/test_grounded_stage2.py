@@ -90,6 +90,7 @@ def test_answers_are_scored_by_the_factor_asked_for():
     assert answer_accuracy("colour", refs, ["reds", "", "greenish"]) == 0.0
 
 
+@pytest.mark.slow
 def test_questions_are_asked_as_chat_asks_them_and_scored_from_the_answers():
     """grounded-eval --questions: each answer is what a fresh chat about the clip answers (greedy), and
     the accuracies are the scoring of those answers (here a random tiny model: the mechanics, not learning)."""

@@ -134,6 +134,7 @@ def test_checkpoint_argument_resolves_to_the_newest_export(run_dir, tmp_path):
         locate(tmp_path)
 
 
+@pytest.mark.slow
 def test_greedy_caption_is_deterministic_and_equals_batch_captioning(data, run_dir, tmp_path):
     video = data["videos"] / "10002.mp4"
     args = ["caption", str(run_dir), str(video), "--greedy", "--max-new-tokens", "12"]
@@ -198,6 +199,7 @@ def test_chat_with_empty_stdin_says_so(data, run_dir):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path, capfd):
     out = tmp_path / "captions.jsonl"
     cfg = BatchCaptionConfig(
@@ -256,6 +258,7 @@ def test_evaluate_matches_training_validation_and_logs_to_mlflow(data, run_dir, 
     assert client.get_run(got["mlflow_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_chat_answers_every_piped_question(data, run_dir):
     questions = "What is in the video?\nWhat colour is it?\n\nnot asked\n"
     cmd = [sys.executable, str(REPO / "cli.py"), "chat", str(run_dir), str(data["videos"] / "10001.mp4")]

@@ -40,6 +40,7 @@ def _cluster_nodes() -> int:
 
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.slow,  # make test-all (CI) only: real sbatch jobs over 2 nodes
     pytest.mark.skipif(
         _cluster_nodes() < NODES,
         reason=f"needs a Slurm cluster with {NODES} idle nodes (sbatch on PATH; CI: ../shared/slurm-local/up.sh)",

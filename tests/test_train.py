@@ -307,6 +307,7 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
     assert diff <= 1e-6, (killed_at, diff)
 
 
+@pytest.mark.slow
 def test_cached_features_from_arrow_shards_train_like_frames(shards, short_frames_run, tmp_path):
     feats = write_feature_shards(shards, tmp_path / "feats")
     common = SHORT_RUN  # as short_frames_run, which trained on the frames of these shards
@@ -379,6 +380,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     """Killed while saving step 6: the rerun logs each step to MLflow once; a rerun with other settings is
     refused naming them; a copied run folder resumes into itself, never into the original."""
@@ -433,6 +435,7 @@ def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     assert loss == losses(copy)
 
 
+@pytest.mark.slow
 def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     import shutil
 
@@ -451,6 +454,7 @@ def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     assert rows[-1]["step"] == 4 and rows[-1]["data_errors"] == 2
 
 
+@pytest.mark.slow  # three more training processes on copies of the shared run
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, trained_run, tmp_path):
     """Truncated optimizer state / train-state JSON, missing model states, a flipped byte inside a tensor
     (which torch.load reads silently): the previous intact checkpoint is used with a warning (same losses as the run that never broke); none intact: one line naming it."""

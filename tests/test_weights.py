@@ -324,6 +324,7 @@ def test_encoder_without_weights_or_with_holes_is_an_error(tmp_path):
         load_frozen_encoder(VideoLLaMA(cfg))
 
 
+@pytest.mark.slow  # several CLI processes, each importing torch
 def test_convert_cli(released_7b, tmp_path):
     import subprocess
     import sys
