@@ -126,17 +126,17 @@ def train_job(preprocess_job, tmp_path_factory):
     def training(s: dict[str, str]) -> bool:
         return finished(s) or (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
 
-    wait_until(job, training, 300, "training steps", log)
+    wait_until(job, training, 900, "training steps", log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     t_signal = time.monotonic()
-    requeued = wait_until(job, lambda s: finished(s) or s.get("Restarts", "0") != "0", 180, "requeue", log)
+    requeued = wait_until(job, lambda s: finished(s) or s.get("Restarts", "0") != "0", 600, "requeue", log)
     # Slurm holds a requeued job back until the old job credential expires (CredExpire, 2 min). Start it
     # sooner, but a few seconds after the old attempt ended: a credential from the second the job was
     # killed in still counts as revoked ("Job credential revoked").
     if requeued.get("JobState") == "PENDING":
         time.sleep(5)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    state = wait_until(job, finished, 300, "end", log)
+    state = wait_until(job, finished, 900, "end", log)
     print(f"train job {job}: signal after {t_signal - t0:.0f} s, done after {time.monotonic() - t0:.0f} s")
     return {"job": job, "state": state, "log": log.read_text(), "run_dir": run_dir}
 
