@@ -42,6 +42,7 @@ browser:
 # http://127.0.0.1:7860 (SERVE="--host 0.0.0.0 --port 8080" to change; other hosts get a warning)
 SERVE ?=
 serve: setup
+	@test -d $(DEMO)/run_stage2 || { echo "no $(DEMO)/run_stage2: run 'make demo' first"; exit 1; }
 	$(BIN)/python cli.py serve $(DEMO)/run_stage2 --greedy --max-new-tokens 24 \
 		$$(tail -n +2 $(DEMO)/grounded/heldout/annotations/0.csv | head -3 | \
 		   awk -F, '{printf "--example $(DEMO)/grounded/videos/%s/%s.mp4 ", $$4, $$1}') $(SERVE)
