@@ -13,7 +13,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: setup demo test test-all lint format bench rehearsal clean
+.PHONY: setup demo test test-all lint format bench rehearsal clean serve browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,24 @@ demo: setup
 test: setup lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: setup lint
+test-all: setup lint browser
 	$(BIN)/python -m pytest -q
+
+# The headless browser of tests/test_serve.py: Debian's chromium + chromium-driver (Playwright cannot
+# download its own browser without internet). Needs root (CI: .ci/run); without it the browser tests skip.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "[browser] chromium and chromedriver are installed";\
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver;\
+	else echo "[browser] run as root: apt-get install -y chromium chromium-driver (the browser tests skip without them)"; fi
+
+# The local web demo on the demo's stage-2 run (after `make demo`), with three held-out clips as examples:
+# http://127.0.0.1:7860 (SERVE="--host 0.0.0.0 --port 8080" to change; other hosts get a warning)
+SERVE ?=
+serve: setup
+	@test -d $(DEMO)/run_stage2 || { echo "no $(DEMO)/run_stage2: run 'make demo' first"; exit 1; }
+	$(BIN)/python cli.py serve $(DEMO)/run_stage2 --greedy --max-new-tokens 24 \
+		$$(tail -n +2 $(DEMO)/grounded/heldout/annotations/0.csv | head -3 | \
+		   awk -F, '{printf "--example $(DEMO)/grounded/videos/%s/%s.mp4 ", $$4, $$1}') $(SERVE)
 
 lint: setup
 	$(BIN)/ruff check .

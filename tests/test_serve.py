@@ -219,6 +219,26 @@ def test_the_page_in_a_browser(tiny_export, server, browser):
     page.wait.until(lambda d: page.answers() == [] and page.status().startswith("Upload a video"))
 
 
+@pytest.mark.slow
+def test_the_answer_api_on_a_random_model(tiny_export, server):
+    """gradio_client's /answer is a fresh greedy conversation: chat's first answer, whatever the page's
+    settings; an unreadable file is one line of error for the caller."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url = server(
+        tiny_export["export"], "--max-new-tokens", "6", "--temperature", "1.5"
+    )  # sampling on the page
+    gen = GenerationConfig(template="vicuna", do_sample=False, max_new_tokens=6)
+    source = ModelSource(checkpoint=str(tiny_export["export"]), device="cpu")
+    cfg = ChatConfig(model=source, generation=gen, video=str(tiny_export["clip"]))
+    want = chat(cfg, io.StringIO(QUESTIONS[0] + "\n"), io.StringIO())[0][1]
+    client = Client(url, verbose=False)
+    assert client.predict(handle_file(str(tiny_export["clip"])), QUESTIONS[0], api_name="/answer") == want
+    with pytest.raises(AppError, match="cannot use notes.mp4: video 'notes.mp4' cannot be decoded"):
+        client.predict(handle_file(str(tiny_export["text"])), QUESTIONS[0], api_name="/answer")
+
+
 # ---- the trained model: the answers -----------------------------------------------------------------
 
 
