@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - install into .venv, make a grounded sample corpus, run the whole pipeline on it, show it learns
-#   make test   - install into .venv, lint, run the test suite
+#   make test   - install into .venv, lint, the fast test tier (pytest -m "not slow": minutes)
+#   make test-all - the same plus the slow tier: the learning chain, multi-process DeepSpeed, Slurm (CI)
 # On a GPU cluster install into your own environment instead: `pip install -e .` next to your CUDA torch.
 PY      ?= python3
 VENV    := .venv
@@ -12,7 +13,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: setup demo test lint format bench rehearsal clean
+.PHONY: setup demo test test-all lint format bench rehearsal clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +29,12 @@ setup: $(BIN)/.installed
 demo: setup
 	PYTHON=$(BIN)/python bash scripts/demo.sh $(DEMO)
 
+# Two tiers (tests marked @pytest.mark.slow take over ~10 s each: the learning chain, multi-process
+# DeepSpeed, Ray jobs over many clips, training chains, Slurm submissions).
 test: setup lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup lint
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -47,6 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/command_bench.py
 	$(BIN)/python benchmarks/bookkeeping_bench.py
 	$(BIN)/python benchmarks/encoder_precision.py
+	$(BIN)/python benchmarks/demo_levers_bench.py
 
 # Real-size dress rehearsal on the CPU (not in `make test`): vit-g-7b with random weights, feature cache,
 # ZeRO-2 steps, checkpoint, resume, export, caption. The full 7B needs ~20 GB of free RAM and hours of a

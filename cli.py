@@ -6,9 +6,12 @@ python cli.py preprocess --annotations A --videos V --output OUT [--format arrow
 python cli.py preprocess --config MY_PREPROCESS.yaml output=OUT     # a YAML file of PreprocessConfig keys
 python cli.py train --config configs/stage1_tiny.yaml data.shards=SHARDS run_dir=runs/tiny [key=value ...]
 python cli.py plan --config configs/stage1_vit-g_7b.yaml --gpus 8 --gpu-memory 80
+python cli.py import-config ORIGINAL/train_configs/visionbranch_stage1_pretrain.yaml --output my.yaml
 torchrun --nproc_per_node=N cli.py train ...   |   deepspeed --num_gpus N cli.py train ...
+python cli.py apply-delta --base models/llama-13b --delta models/vicuna-13b-delta-v0 --target models/vicuna-13b
 python cli.py caption RUN_DIR clip.mp4 [--greedy] [--prompt "..." --template vicuna|llama2]
 printf 'question\n' | python cli.py chat RUN_DIR clip.mp4
+python cli.py serve RUN_DIR [--host 0.0.0.0 --port 7860]   (local web demo; API: /answer)
 python cli.py caption-shards RUN_DIR SHARDS --output captions.jsonl
 python cli.py evaluate RUN_DIR VAL_SHARDS [--metrics] [--track RUN_DIR]
 python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy tables.json ...]
@@ -17,6 +20,7 @@ python cli.py report RUN_DIR VAL_SHARDS --captions captions.jsonl [--accuracy ta
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -40,36 +44,86 @@ def main() -> None:
     "--output", required=True, type=click.Path(file_okay=False), help="folder for annotations/ and videos/"
 )
 @click.option("--clips", default=16, show_default=True, help="number of clips (not with --grounded)")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, help="[0; with --variant: its own]")
 @click.option("--min-seconds", type=float, help="[5]")
 @click.option("--max-seconds", type=float, help="[20; 7 with --grounded]")
 @click.option("--tars", is_flag=True, help="write WebDataset tars of videos instead of CSV + folders")
 @click.option("--faults", is_flag=True, help="add a missing, an empty and a truncated video row")
 @click.option("--grounded", is_flag=True, help="captions that describe the clip: train/ and heldout/ splits")
-@click.option("--per-combination", default=6, show_default=True, help="--grounded: training clips per triple")
+@click.option(
+    "--variant",
+    help="--grounded: a named corpus of the family (standins.sample_data.VARIANTS; its seed unless --seed)",
+)
+@click.option(
+    "--setting",
+    "settings",
+    multiple=True,
+    help="--grounded: KEY=VALUE over the variant's GroundedSettings, e.g. shapes=[square,'wide bar'] "
+    "speed=[15,25] background=flicker per_combination=4 (repeatable)",
+)
+@click.option("--per-combination", type=int, help="--grounded: training clips per triple [6]")
 @click.option("--workers", default=2, show_default=True, help="--grounded: encoding processes")
 def make_sample(
-    output, clips, seed, min_seconds, max_seconds, tars, faults, grounded, per_combination, workers
+    output,
+    clips,
+    seed,
+    min_seconds,
+    max_seconds,
+    tars,
+    faults,
+    grounded,
+    variant,
+    settings,
+    per_combination,
+    workers,
 ) -> None:
     """Write a small synthetic WebVid-layout corpus (596x336 H.264 clips with captions).
 
     --grounded: one coloured shape moving over noise, captioned "a red square moves left", in
-    OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + 4 colour/shape/direction triples never trained
+    OUTPUT/train/ and OUTPUT/heldout/ (fresh renders + colour/shape/direction triples never trained
     on); the CSVs also carry the factors (colour, shape, direction, combination) for pipeline.grounded.
+    --variant and --setting pick a member of the family of grounded corpora (docs/LEARNING.md).
     """
-    from standins.sample_data import make_grounded_sample, make_webvid_sample, make_webvid_tars
+    from standins.sample_data import make_webvid_sample, make_webvid_tars
 
-    seconds = (min_seconds or 5.0, max_seconds or (7.0 if grounded else 20.0))
     if grounded:
-        paths = make_grounded_sample(
-            output, per_combination, seed=seed, seconds=seconds, faults=faults, workers=workers
+        paths = _make_grounded(
+            output, seed, min_seconds, max_seconds, faults, variant, settings, per_combination, workers
         )
         click.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    elif tars:
-        click.echo(make_webvid_tars(output, clips, seed=seed, seconds=seconds))
+        return
+    if variant or settings or per_combination:
+        _fail(ConfigError("--variant, --setting and --per-combination need --grounded"))
+    seconds = (min_seconds or 5.0, max_seconds or 20.0)
+    if tars:
+        click.echo(make_webvid_tars(output, clips, seed=seed or 0, seconds=seconds))
     else:
-        paths = make_webvid_sample(output, clips, seed=seed, seconds=seconds, faults=faults)
+        paths = make_webvid_sample(output, clips, seed=seed or 0, seconds=seconds, faults=faults)
         click.echo(f"annotations: {paths['annotations']}\nvideos: {paths['videos']}")
+
+
+def _make_grounded(
+    output, seed, min_seconds, max_seconds, faults, variant, settings, per_combination, workers
+):
+    import dataclasses
+
+    from standins.sample_data import VARIANTS, GroundedSettings, make_grounded_sample
+
+    if variant is not None and variant not in VARIANTS:
+        _fail(ConfigError(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}"))
+    _, base, variant_seed = VARIANTS[variant or "demo"]
+    values = dataclasses.asdict(base)
+    if min_seconds or max_seconds:
+        values["seconds"] = (min_seconds or base.seconds[0], max_seconds or base.seconds[1])
+    if per_combination is not None:
+        values["per_combination"] = per_combination
+    try:
+        cfg = load_config(GroundedSettings, None, list(settings), values=values)
+        return make_grounded_sample(
+            output, cfg, seed=variant_seed if seed is None else seed, faults=faults, workers=workers
+        )
+    except (ConfigError, ValueError) as e:
+        _fail(e)
 
 
 @main.command("tiny-llm")
@@ -207,7 +261,10 @@ def preprocess(config_path, overrides, **flags) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--preset", help="ModelConfig preset of a .pth that carries none [inferred from shapes]")
-def convert(src: str, dst: str, preset: str | None) -> None:
+@click.option(
+    "--cast-float32", is_flag=True, help="convert float16/bfloat16/float64 tensors to float32 (else refused)"
+)
+def convert(src: str, dst: str, preset: str | None, cast_float32: bool) -> None:
     """Released Video-LLaMA checkpoint (.pth) -> trainable-weights export folder, or back.
 
     The export is trainable.safetensors + model.yaml; the way back writes {"model": state_dict} with
@@ -218,17 +275,54 @@ def convert(src: str, dst: str, preset: str | None) -> None:
     from pipeline.weights import convert as convert_weights
 
     try:
-        report = convert_weights(src, dst, model_preset(preset) if preset else None)
+        report = convert_weights(src, dst, model_preset(preset) if preset else None, cast_float32)
     except (WeightsError, ConfigError) as e:
         _fail(e)
     click.echo(f"{src} -> {dst}\n{report}")
 
 
+@main.command("apply-delta")
+@click.option(
+    "--base", required=True, type=click.Path(file_okay=False), help="base LLM folder (e.g. LLaMA-13B)"
+)
+@click.option(
+    "--delta", required=True, type=click.Path(file_okay=False), help="delta folder (e.g. vicuna-13b-delta-v0)"
+)
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="folder to write")
+def apply_delta(base: str, delta: str, target: str) -> None:
+    """TARGET = BASE + DELTA tensor by tensor (FastChat's semantics; Vicuna v0 was released as deltas).
+
+    Streams one shard at a time and writes safetensors shards that from_pretrained loads, with the
+    delta's tokenizer and config (and any embedding rows the delta adds); prints the peak RSS."""
+    from pipeline.delta import DeltaError
+    from pipeline.delta import apply_delta as run
+
+    try:
+        report = run(base, delta, target)
+    except DeltaError as e:
+        _fail(e)
+    click.echo(f"{base} + {delta} -> {target}\n{report}")
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file")
+@click.option(
+    "--dry-run", is_flag=True, help="check the config and that every path it names exists, then stop"
+)
 @click.argument("overrides", nargs=-1)
-def train(config_path, overrides) -> None:
+def train(config_path, overrides, dry_run) -> None:
     """Stage-1 or stage-2 training with DeepSpeed ZeRO-2 (extra args: key=value overrides, e.g. max_steps=100)."""
+    if dry_run:
+        from train.config import TrainConfig, missing_paths
+
+        try:
+            cfg = load_config(TrainConfig, config_path, list(overrides))
+        except ConfigError as e:
+            _fail(e)
+        if missing := missing_paths(cfg):
+            _fail(ConfigError(f"{len(missing)} path(s) missing: " + "; ".join(missing)))
+        click.echo(f"[train] dry run: {config_path} is valid and every path it names exists")
+        return
     if os.environ.get("RANK", "0") == "0":  # torchrun/deepspeed set RANK; the next lines take ~20-30 s
         world = os.environ.get("WORLD_SIZE", "1")
         click.echo(
@@ -243,13 +337,45 @@ def train(config_path, overrides) -> None:
         summary = run(cfg)
     except ConfigError as e:
         _fail(e)
-    if summary["rank"] == 0:
+    if summary["rank"] == 0 and not summary.get("already_complete"):  # that case printed its line
         run_dir = summary["run_dir"]
         click.echo(
             f"[train] done: {summary['steps']}/{summary['max_steps']} steps, loss {summary['loss']:.4f}, "
             f"{summary['samples_seen']} samples from {summary['input']}\n"
             f"  export: {run_dir}/export   checkpoints: {run_dir}/checkpoints   metrics: {run_dir}/metrics.jsonl"
         )
+
+
+@main.command("import-config")
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="write the config here instead of stdout")
+def import_config(original: str, output: str | None) -> None:
+    """The original Video-LLaMA's train_configs/*.yaml or eval_configs/*.yaml -> this project's config.
+
+    Prints a TrainConfig (run it: torchrun --nproc_per_node=N cli.py train --config FILE) or, from an
+    eval config, a serve config (python cli.py serve --config FILE); every key that does not carry over
+    is named on stderr with why."""
+    import yaml
+
+    from infer.serve import ServeConfig
+    from pipeline.original_config import import_config as convert
+    from pipeline.original_config import render
+    from train.config import TrainConfig
+
+    try:
+        imported = convert(original)
+        text = render(imported, os.path.basename(original))
+        load_config(TrainConfig if imported.kind == "train" else ServeConfig, values=yaml.safe_load(text))
+    except (ValueError, ConfigError) as e:
+        _fail(e)
+    for note in imported.notes:
+        click.echo(f"[import-config] {note}", err=True)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"[import-config] wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()
@@ -269,8 +395,12 @@ def plan(config_path, gpus, gpu_memory, input_kind, overrides) -> None:
         cfg = load_config(TrainConfig, config_path, list(overrides))
     except ConfigError as e:
         _fail(e)
-    if gpus < 1 or gpu_memory <= 0:
-        _fail(ConfigError("--gpus must be >= 1 and --gpu-memory > 0"))
+    if gpus < 1 or not 0 < gpu_memory < math.inf:  # also refuses nan
+        _fail(
+            ConfigError(
+                f"--gpus must be >= 1 and --gpu-memory a finite number of GB > 0 (got {gpus}, {gpu_memory})"
+            )
+        )
     result = plan_for_config(cfg, gpus, on_gpu=True, input=input_kind)
     checkpointing = cfg.model.llm_gradient_checkpointing
     click.echo(f"{config_path} (micro_batch {cfg.micro_batch})")
@@ -329,8 +459,9 @@ _GEN_FLAGS = {
 }
 
 
-def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | None = None):
-    values = {"model.checkpoint": checkpoint, **(extra or {})}
+def _infer_config(cls, checkpoint: str | None, flags: dict, overrides, extra: dict | None = None, path=None):
+    """``path``: a YAML file of the config's keys, under the flags and the ``key=value`` overrides."""
+    values = {**({"model.checkpoint": checkpoint} if checkpoint else {}), **(extra or {})}
     for k in _MODEL_FLAGS:
         if (v := flags.pop(k, None)) is not None:
             values[f"model.{k}"] = v
@@ -342,7 +473,7 @@ def _infer_config(cls, checkpoint: str, flags: dict, overrides, extra: dict | No
         if (v := flags.pop(flag, None)) is not None:
             values[f"generation.{key}"] = v
     values.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(cls, None, list(overrides), values=values)
+    return load_config(cls, path, list(overrides), values=values)
 
 
 def _infer_errors():
@@ -361,7 +492,8 @@ def _infer_errors():
 @click.option("--num-frames", type=int, help="frames sampled per video, uniformly [8]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines {video, caption}")
 def caption(checkpoint, videos, as_json, **flags) -> None:
-    """Caption VIDEOS with CHECKPOINT: one line per readable video, in order.
+    """Caption VIDEOS with CHECKPOINT: one line per readable video, in order; with several videos each
+    line is ``VIDEO<TAB>caption``, so a failed file shifts nothing.
 
     CHECKPOINT is a training run directory (its newest export), a trainable export directory or a
     released Video-LLaMA .pth. Extra args of the form key=value override config keys, e.g.
@@ -384,7 +516,8 @@ def caption(checkpoint, videos, as_json, **flags) -> None:
         if as_json:
             click.echo(json.dumps(r))
         elif "caption" in r:
-            click.echo(r["caption"].replace("\n", " "))
+            text = r["caption"].replace("\n", " ")
+            click.echo(f"{r['video']}\t{text}" if len(results) > 1 else text)
     if failed := sum("error" in r for r in results):
         _fail(f"{failed} of {len(results)} videos could not be captioned")
 
@@ -407,6 +540,46 @@ def chat(checkpoint, video, overrides, **flags) -> None:
         flags["template"] = "vicuna"
     try:
         cfg = _infer_config(ChatConfig, checkpoint, flags, overrides, {"video": video})
+        run(cfg)
+    except _infer_errors() as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("checkpoint", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML of ServeConfig keys")
+@_model_options
+@click.option("--template", type=click.Choice(["vicuna", "llama2"]), help="conversation template [vicuna]")
+@click.option("--greedy", is_flag=True, default=None, help="greedy decoding by default (the page can switch)")
+@click.option("--max-new-tokens", type=int, help="[300]")
+@click.option("--temperature", type=float, help="[1.0]")
+@click.option("--top-p", type=float, help="[0.9]")
+@click.option("--num-frames", type=int, help="frames sampled from a video, uniformly [8]")
+@click.option("--host", help="address to listen on [127.0.0.1]; anything else is reachable by others")
+@click.option("--port", type=int, help="[7860]")
+@click.option("--max-upload-mb", type=float, help="largest upload accepted [200]")
+@click.option(
+    "--example", "examples", multiple=True, help="a video or image offered as an example (repeatable)"
+)
+@click.argument("overrides", nargs=-1)
+def serve(checkpoint, config_path, overrides, **flags) -> None:
+    """Local web demo (Gradio) of CHECKPOINT: upload a video or image, see its frames, chat about it.
+
+    CHECKPOINT is what chat takes (run folder, export, released .pth). It listens on 127.0.0.1:7860;
+    the API: gradio_client.Client(URL).predict(handle_file(VIDEO), QUESTION, api_name="/answer")."""
+    from infer.serve import ServeConfig, run
+
+    flags["examples"] = list(flags["examples"]) or None
+    if checkpoint and "=" in checkpoint and not os.path.exists(checkpoint):  # serve --config F key=value
+        checkpoint, overrides = None, (checkpoint, *overrides)
+    keys = ("max_upload_mb", "num_frames", "host", "port", "examples")
+    values = {k: v for k in keys if (v := flags.pop(k, None)) is not None}
+    try:
+        cfg = _infer_config(ServeConfig, checkpoint, flags, overrides, values, path=config_path)
+        if not cfg.model.checkpoint:
+            raise ConfigError(
+                "serve: give a CHECKPOINT (run folder, export or .pth) or model.checkpoint in --config"
+            )
         run(cfg)
     except _infer_errors() as e:
         _fail(e)
@@ -504,9 +677,14 @@ def report(run_dir, shards, overrides, **flags) -> None:
     type=click.Choice(["vicuna", "llama2"]),
     help="stage 2: ask each grounded question in this template; accuracy per question",
 )
+@click.option(
+    "--probe",
+    help="training shards with cached features: linear probes per factor, fitted there and scored on "
+    "SHARDS, printed beside the model's accuracy (what the encoder carries vs what training reached)",
+)
 @click.option("--device", help="cpu, cuda [auto]")
 @click.argument("overrides", nargs=-1)
-def grounded_eval(checkpoint, shards, output, no_ablations, questions, device, overrides) -> None:
+def grounded_eval(checkpoint, shards, output, no_ablations, questions, probe, device, overrides) -> None:
     """Per-factor accuracy (colour, shape, direction) of greedy captions on grounded held-out SHARDS
     (cached features), seen vs novel triples, and the shuffled-features / reversed-frames ablations."""
     from infer.grounded import GroundedEvalConfig, format_questions, format_report, run
@@ -517,6 +695,7 @@ def grounded_eval(checkpoint, shards, output, no_ablations, questions, device, o
         "output": output,
         "ablations": not no_ablations,
         "questions": questions,
+        "probe": probe,
     }
     if device:
         values["model.device"] = device

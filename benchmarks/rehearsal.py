@@ -257,12 +257,12 @@ def check_features(shards: Path, frames: int) -> None:
 def check_tokenizer(args) -> None:
     from transformers import AutoConfig
 
-    from pipeline.prompts import IMAGE_PATCH_TOKEN, load_tokenizer
+    from pipeline.prompts import image_token_id, load_tokenizer
 
     tok = load_tokenizer(str(llm_dir(args)))
     rows = AutoConfig.from_pretrained(llm_dir(args)).vocab_size
-    image_id = tok.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
-    check(image_id == rows == 32000, f"<ImageHere> id {image_id} beyond the {rows}-row embedding")
+    image_id = image_token_id(tok)
+    check(image_id == rows == 32000, f"image placeholder id {image_id} beyond the {rows}-row embedding")
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from infer.load import ModelSource, load, resolve
 from pipeline.config import ConfigError
-from pipeline.evaluation import score, summarize
+from pipeline.evaluation import EvalSettings, score, summarize
 from pipeline.generate import GenerationConfig
 from pipeline.shards import inspect_shards
 
@@ -29,15 +29,13 @@ def eval_generation() -> GenerationConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(EvalSettings):
+    """The evaluation settings (pipeline.evaluation.EvalSettings: shards, batch_size, max_caption_tokens,
+    max_samples, metrics) plus the model, the greedy generation and where the results go."""
+
     model: ModelSource = field(default_factory=ModelSource)
     generation: GenerationConfig = field(default_factory=eval_generation)
-    shards: str = ""
     input: Literal["auto", "frames", "features"] = "auto"
-    batch_size: int = 8
-    max_caption_tokens: int = 32
-    max_samples: int | None = None  # the first N samples (in shard order)
-    metrics: bool = False  # also generate captions and score them (BLEU, chrF, CIDEr)
     predictions: str | None = None  # write {key, videoid, reference, prediction} JSONL here
     track: str | None = None  # a training run directory: log into its MLflow run
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the run directory
@@ -70,18 +68,11 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     resolved = resolve(cfg.model)
     kind = inspect_shards(cfg.shards, cfg.input, mcfg=resolved.mcfg, setting="shards").kind
     loaded = load(cfg.model, resolved)
-    nll, tokens, count, preds = score(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.device,
-        cfg.shards,
-        kind,
-        batch_size=cfg.batch_size,
-        max_caption_tokens=cfg.max_caption_tokens,
-        max_samples=cfg.max_samples,
-        generation=cfg.generation if cfg.metrics else None,
+    scores = score(
+        loaded.model, loaded.tokenizer, loaded.device, cfg, kind, cfg.generation if cfg.metrics else None
     )
-    metrics = summarize(nll, tokens, preds, count)
+    preds = scores.predictions
+    metrics = summarize(scores.nll, scores.tokens, preds, scores.samples)
     if cfg.predictions and preds:
         Path(cfg.predictions).write_text("".join(json.dumps(p) + "\n" for p in preds))
     step = cfg.step if cfg.step is not None else (resolved.step or 0)

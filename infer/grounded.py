@@ -1,6 +1,6 @@
 """Does the model read the video? Per-factor accuracy on grounded held-out clips, with two ablations.
 
-    python cli.py grounded-eval RUN HELDOUT_SHARDS [--output DIR]   # shards with cached features
+    python cli.py grounded-eval RUN HELDOUT_SHARDS [--output DIR] [--probe TRAIN_SHARDS]  # cached features
 
 Greedy stage-1 captions (the same as ``caption-shards RUN SHARDS --greedy``) of every held-out clip are
 scored by the colour, shape and direction they name (``pipeline.grounded``), over all clips, the seen
@@ -12,6 +12,10 @@ triples and the novel triples never trained on. Then the same clips twice more:
   A model that ignored the video would keep its accuracy.
 * **reversed**: the frames in reverse order. Colour and shape stay; the direction must flip (left <->
   right, up <-> down) for most clips, which only a model reading the frame order can do.
+
+With ``--probe TRAIN_SHARDS``, linear probes per factor fitted on the training clips' cached features and
+scored on the held-out ones (``infer.probe``) are printed beside the model: "the encoder carries X,
+training reached Y".
 
 Returns the numbers; with ``--output DIR`` also writes ``grounded_eval.json``, ``grounded_captions.jsonl``
 (one line per clip: key, videoid, reference, caption, and the shuffled / reversed captions; usable as
@@ -30,10 +34,12 @@ import numpy as np
 import torch
 
 from infer.load import ModelSource, load
+from infer.probe import probe_factors
 from pipeline import grounded
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.evaluation import iter_samples
-from pipeline.generate import GenerationConfig, PromptSpec, caption_prompt, generate_batched
+from pipeline.generate import GenerationConfig, PromptSpec, generate_batched
+from pipeline.prompts import stage1_prompt
 from pipeline.shards import first_view
 
 EVAL_FILES = ("grounded_eval.json", "grounded_captions.jsonl", "grounded_tables.json")
@@ -51,6 +57,9 @@ class GroundedEvalConfig:
     max_new_tokens: int = 20
     # stage 2: ask every question of pipeline.grounded.QUESTIONS in this template instead of captioning
     questions: Literal["vicuna", "llama2"] | None = None
+    # training shards with cached features: fit linear probes per factor on them, score on ``shards``
+    # (infer.probe): what the encoder carries, printed beside what training reached
+    probe: str | None = None
 
     def validate(self) -> None:
         if not self.shards:
@@ -62,7 +71,7 @@ class GroundedEvalConfig:
 @torch.no_grad()
 def captions(loaded, features: torch.Tensor, cfg: GroundedEvalConfig) -> list[str]:
     gen = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    prompt = caption_prompt(loaded.tokenizer, loaded.model.cfg.num_video_query_tokens)
+    prompt = stage1_prompt(loaded.tokenizer, loaded.model.cfg.num_video_query_tokens)
     return generate_batched(
         loaded.model, loaded.tokenizer, features.to(loaded.device), [prompt] * len(features), gen
     )
@@ -141,17 +150,45 @@ def evaluate_questions(loaded, samples: list[dict[str, Any]], cfg: GroundedEvalC
     return report, records
 
 
+def refs_of(samples: list[dict[str, Any]]) -> list[str]:
+    return [s["caption"] for s in samples]
+
+
 def _features(samples: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([first_view(s["features"], "features") for s in samples])).float()
 
 
+def check_references(samples: list[dict[str, Any]], shards: str) -> None:
+    """Refuse shards whose captions are not grounded ones: their factors cannot be scored."""
+    bad = [s["caption"] for s in samples if not grounded.is_grounded(s["caption"])]
+    if bad:
+        raise ConfigError(
+            f"shards: {len(bad)} of {len(samples)} references in {shards!r} are not grounded captions "
+            f"(e.g. {bad[0][:80]!r}; expected like {grounded.caption('red', 'square', 'left')!r}): "
+            "grounded-eval scores clips of make-sample --grounded"
+        )
+
+
 def run(cfg: GroundedEvalConfig) -> dict[str, Any]:
     cfg.validate()
+    if cfg.output:
+        check_writable(cfg.output)  # one line now, not an OSError after every caption is generated
     samples = list(iter_samples(cfg.shards, "features"))
     if not samples:
         raise ConfigError(f"shards: {cfg.shards!r} hold no samples with cached features and a caption")
+    check_references(samples, cfg.shards)
     loaded = load(cfg.model)
     report, records = (evaluate_questions if cfg.questions else evaluate)(loaded, samples, cfg)
+    if cfg.probe:
+        train = list(iter_samples(cfg.probe, "features"))
+        if not train:
+            raise ConfigError(f"probe: {cfg.probe!r} holds no samples with cached features and a caption")
+        report["probe"] = probe_factors(
+            _features(train).numpy(),
+            [s["caption"] for s in train],
+            _features(samples).numpy(),
+            refs_of(samples),
+        )
     if cfg.output:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +209,8 @@ def tables(r: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
         for k, a in r["heldout"].items()
         if a["clips"]
     }
+    if "probe" in r:
+        acc["linear probe on the cached features"] = {c: r["probe"][c] for c in cols}
     out = {"held-out accuracy": acc}
     if "shuffled" in r:
         out["ablations"] = {
@@ -224,4 +263,19 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"  frames reversed: direction flipped for {pct(v['direction_flipped'])} of clips (colour kept {pct(v['colour_kept'])}, shape kept {pct(v['shape_kept'])})"
         )
+    if "probe" in r:
+        lines.append(probe_line(r))
     return "\n".join(lines)
+
+
+def probe_line(r: dict[str, Any]) -> str:
+    """ "the encoder carries X, training reached Y": probe vs model accuracy per factor, and the gap."""
+    p, a = r["probe"], r["heldout"]["all"]
+    cols = ("colour", "shape", "direction", "all")
+    carries = ", ".join(f"{c} {100 * p[c]:.1f}%" for c in cols)
+    reached = ", ".join(f"{c} {100 * a[c]:.1f}%" for c in cols)
+    gaps = ", ".join(f"{c} {100 * (p[c] - a[c]):+.1f}" for c in cols)
+    return (
+        f"  linear probes ({p['train_clips']} training clips -> {p['clips']} held-out): the encoder carries "
+        f"{carries};\n  training reached {reached} (probe minus model, points: {gaps})"
+    )

@@ -85,14 +85,30 @@ class Report:
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete JSON line (a half-written last line of a killed writer is skipped)."""
+def _text(path: str | Path, what: str) -> str:
+    """The file's text, or one ConfigError line (not UTF-8, unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def read_jsonl(path: str | Path, what: str = "jsonl") -> list[dict[str, Any]]:
+    """Every complete JSON line (a half-written last line of a killed writer is skipped); a line that
+    is JSON but not an object, or a file that is not UTF-8, is one ConfigError line."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(_text(path, what).splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{what}: line {n} of {str(path)!r} is a JSON {type(row).__name__}, not an object {{...}}"
+            )
+        rows.append(row)
     return rows
 
 
@@ -101,7 +117,7 @@ def generated_captions(path: str | Path) -> dict[str, str]:
     if not Path(path).is_file():
         raise ConfigError(f"captions: {str(path)!r} does not exist")
     out = {}
-    for r in read_jsonl(path):
+    for r in read_jsonl(path, "captions"):
         text = r.get("prediction", r.get("caption"))
         if "key" in r and isinstance(text, str):
             out[str(r["key"])] = text
@@ -112,8 +128,14 @@ def loss_points(path: str | Path) -> list[tuple[int, float]]:
     """(step, loss) from a run's metrics.jsonl; the last line of a step wins (a resumed run rewrites)."""
     if not Path(path).is_file():
         return []
-    by_step = {int(r["step"]): float(r["loss"]) for r in read_jsonl(path) if "step" in r and "loss" in r}
-    return sorted(by_step.items())
+    rows = [r for r in read_jsonl(path, "metrics") if "step" in r and "loss" in r]
+    if bad := [r for r in rows if not all(_is_number(r[k]) for k in ("step", "loss"))]:
+        raise ConfigError(f"metrics: {str(path)!r} has a step or loss that is not a number: {bad[0]}")
+    return sorted({int(r["step"]): float(r["loss"]) for r in rows}.items())
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def frame_strip(frames: np.ndarray, count: int, height: int = 96) -> Image.Image:
@@ -330,28 +352,34 @@ def build_report(
     if not rows:
         raise ConfigError(f"report: no clip of {str(shards)!r} has a caption in {str(captions)!r}")
     report = Report(title, rows, tables or {}, loss_points(metrics) if metrics else [])
+    page, picture, text = render_html(report), render_png(report), render_text(report)  # all, then write
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / HTML_FILE).write_text(render_html(report))
-    render_png(report).save(out / PNG_FILE)
-    return {
-        "html": str(out / HTML_FILE),
-        "png": str(out / PNG_FILE),
-        "clips": str(len(rows)),
-        "text": render_text(report),
-    }
+    (out / HTML_FILE).write_text(page)
+    picture.save(out / PNG_FILE)
+    return {"html": str(out / HTML_FILE), "png": str(out / PNG_FILE), "clips": str(len(rows)), "text": text}
 
 
 def read_tables(paths: list[str]) -> Tables:
     """The tables of every file, in order (``grounded-eval --output DIR`` writes ``DIR/tables.json``)."""
     out: Tables = {}
     for path in paths:
+        text = _text(path, "accuracy")
         try:
-            tables = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"accuracy: cannot read {path!r}: {e}") from None
+            tables = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"accuracy: {path!r} is not valid JSON: {e}") from None
         if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
             raise ConfigError(f"accuracy: {path!r} must hold {{table: {{row: {{column: fraction}}}}}}")
+        for name, rows in tables.items():
+            if not rows or not all(isinstance(r, dict) and r for r in rows.values()):
+                raise ConfigError(f"accuracy: table {name!r} of {path!r} is empty or has an empty row")
+            for row, cols in rows.items():
+                if bad := [c for c, v in cols.items() if not _is_number(v)]:
+                    raise ConfigError(
+                        f"accuracy: {path!r} table {name!r} row {row!r} column {bad[0]!r} is "
+                        f"{json.dumps(cols[bad[0]])}, not a number"
+                    )
         out.update(tables)
     return out
 

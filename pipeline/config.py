@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import types
 import typing
 from pathlib import Path
@@ -189,6 +191,53 @@ def check_writable(folder: str | Path, what: str = "output") -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{what}: cannot write in {str(folder)!r}: {e.strerror or e}") from None
+
+
+class DiskFullError(ConfigError):
+    """No space left on the device of a path. A ConfigError, so every command's one-line handler shows
+    it; what was committed before (shards, complete checkpoints) stays valid and a rerun resumes."""
+
+
+# Writers that lose the errno: torch.save's zip writer reports ENOSPC as these RuntimeErrors.
+_HIDDEN_ENOSPC = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def _chain(e: BaseException | None):
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__  # ``cause``: a Ray task error
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return None
+
+
+def out_of_space(e: BaseException, path: str | Path) -> DiskFullError | None:
+    """The one-line error for ``e`` when it (or an exception it wraps) is "no space left on device",
+    or a writer error that hides it while the device of ``path`` has less than 1 MiB free; else None."""
+    for err in _chain(e):
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            where = err.filename or path
+            break
+        if "No space left on device" in str(err):
+            where = path
+            break
+        if any(s in str(err) for s in _HIDDEN_ENOSPC) and (_free_bytes(Path(path)) or 0) < 1 << 20:
+            where = path
+            break
+    else:
+        return None
+    free = _free_bytes(Path(where))
+    return DiskFullError(
+        f"no space left on device at {where}"
+        + (f" ({free:,} bytes free now)" if free is not None else "")
+        + ": free some space and rerun the same command (finished work is kept)"
+    )
 
 
 def fingerprint(data: Any) -> str:

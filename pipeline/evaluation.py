@@ -9,15 +9,18 @@ validation inside training (train.validation):
   lower-case with punctuation removed). CIDEr needs many clips to mean anything (its IDF comes from
   the references).
 
-Sums come per rank (``rank``/``world`` split the samples), so a distributed caller all-reduces them
-before :func:`summarize`.
+What to score is one dataclass, :class:`EvalSettings`; the training run's ``eval:`` section
+(train.config.EvalConfig) and ``cli.py evaluate``'s config (infer.evaluate.EvaluateConfig) extend it with
+what only they need. Sums come per rank (``rank``/``world`` split the samples) as a :class:`Scores`, so a
+distributed caller all-reduces them before :func:`summarize`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +31,27 @@ from pipeline.generate import GenerationConfig, caption_features
 from pipeline.model import clip_from_frames
 from pipeline.prompts import caption_sample, collate
 from pipeline.shards import batches, first_view, list_shards, read_shard
+
+
+@dataclass
+class EvalSettings:
+    """Which held-out clips to score and how: one definition of these settings and their defaults."""
+
+    shards: str | None = None  # a shard folder (frames or cached features)
+    batch_size: int = 8
+    max_caption_tokens: int = 32  # as in training: the caption is cut to this many tokens
+    max_samples: int | None = None  # the first N clips with a caption (in shard order)
+    metrics: bool = False  # also greedy captions scored with exact match / BLEU / chrF / CIDEr (slower)
+
+
+class Scores(NamedTuple):
+    """One rank's sums: summed caption-token NLL, caption tokens, samples, and (with generation) the
+    predictions ``{key, videoid, reference, prediction}``."""
+
+    nll: float
+    tokens: int
+    samples: int
+    predictions: list[dict[str, Any]]
 
 
 def iter_samples(
@@ -98,21 +122,17 @@ def score(
     model,
     tokenizer,
     device: torch.device,
-    folder: str,
+    settings: EvalSettings,
     kind: str,
-    *,
-    batch_size: int,
-    max_caption_tokens: int,
-    max_samples: int | None,
     generation: GenerationConfig | None,
     rank: int = 0,
     world: int = 1,
-) -> tuple[float, int, int, list[dict[str, Any]]]:
-    """(NLL sum, caption tokens, samples, predictions) over this rank's share; predictions only with
-    ``generation``."""
+) -> Scores:
+    """This rank's share of ``settings.shards`` scored; predictions only with ``generation``."""
     nll, tokens, count, preds = 0.0, 0, 0, []
-    for batch in batches(iter_samples(folder, kind, max_samples, rank, world), batch_size):
-        s, n = caption_nll(model, tokenizer, batch, kind, max_caption_tokens, device)
+    samples = iter_samples(settings.shards, kind, settings.max_samples, rank, world)
+    for batch in batches(samples, settings.batch_size):
+        s, n = caption_nll(model, tokenizer, batch, kind, settings.max_caption_tokens, device)
         nll, tokens, count = nll + s, tokens + n, count + len(batch)
         if generation is not None:
             feats = model_input(model, batch, kind, device)
@@ -127,7 +147,7 @@ def score(
                         "prediction": p,
                     }
                 )
-    return nll, tokens, count, preds
+    return Scores(nll, tokens, count, preds)
 
 
 def summarize(nll: float, tokens: int, preds: list[dict[str, Any]], samples: int) -> dict[str, float]:

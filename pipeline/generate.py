@@ -1,9 +1,12 @@
 """Prompts for inference and generation through the LLM's own ``generate(inputs_embeds=...)``.
 
 * ``caption`` (stage 1): ``[BOS] <32 video tokens>``, the model continues with a caption and "\\n".
-* ``vicuna`` / ``llama2`` (stage 2): the training template (pipeline.prompts) up to the open assistant
-  turn, as the original's ``Conversation.get_prompt()``: ``...###Assistant:`` / ``...[/INST]``; the first
-  question carries ``<Video><ImageHere>*32</Video> The video contains 8 frames sampled at ... seconds.``
+* ``vicuna`` / ``llama2`` (stage 2): the training template up to the open assistant turn, as the
+  original's ``Conversation.get_prompt()``: ``...###Assistant:`` / ``...[/INST]``; the first question
+  carries ``<Video><ImageHere>*32</Video> The video contains 8 frames sampled at ... seconds.``
+
+Both prompts are built by pipeline.prompts (``stage1_prompt``, ``conversation_prompt``), which owns every
+prompt fact; this module pads, generates and cuts at the stop strings.
 
 Defaults are the original's inference: sampling with top_p 0.9, temperature 1.0, 300 new tokens, stop at
 ``###`` (Vicuna) or ``</s>``; the stage-1 prompt also stops at the newline that ends every training caption.
@@ -19,7 +22,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.model import VideoLLaMA
-from pipeline.prompts import IMAGE_PATCH_TOKEN, TextSample, frame_times_message, render_conversation
+from pipeline.prompts import TextSample, conversation_prompt, frame_times_message, stage1_prompt
 
 Template = Literal["caption", "vicuna", "llama2"]
 DEFAULT_STOPS = {"caption": ["\n", "###"], "vicuna": ["###"], "llama2": ["</s>"]}
@@ -54,38 +57,6 @@ class GenerationConfig:
         return list(self.stop) if self.stop is not None else list(DEFAULT_STOPS[self.effective_template])
 
 
-def _image_id(tokenizer) -> int:
-    return tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
-
-
-def caption_prompt(tokenizer, num_video_tokens: int = 32) -> TextSample:
-    """Stage 1: ``[BOS] <ImageHere>*N`` (the training sample without its caption)."""
-    ids = [tokenizer.bos_token_id] + [_image_id(tokenizer)] * num_video_tokens
-    return TextSample(ids, [], list(range(1, 1 + num_video_tokens)))
-
-
-def conversation_prompt(
-    tokenizer,
-    history: Sequence[tuple[str, str]],
-    question: str,
-    template: Literal["vicuna", "llama2"],
-    message: str = "",
-    num_video_tokens: int = 32,
-) -> TextSample:
-    """Stage 2: earlier turns + the new question, ending where the assistant's answer starts."""
-    turns = [*history, (question, "")]
-    block = f"<Video>{IMAGE_PATCH_TOKEN * num_video_tokens}</Video> {message}"
-    turns[0] = (block + turns[0][0].replace(IMAGE_PATCH_TOKEN, ""), turns[0][1])
-    text, spans = render_conversation(turns, template)
-    start = spans[-1][0]
-    text = text[: start - 1] if text[start - 1] == " " else text[:start]  # "###Assistant:" / "[/INST]"
-    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
-    positions = [i for i, t in enumerate(ids) if t == _image_id(tokenizer)]
-    if len(positions) != num_video_tokens:
-        raise ValueError(f"the prompt holds {len(positions)} video placeholders, expected {num_video_tokens}")
-    return TextSample(ids, [], positions)
-
-
 def left_pad(prompts: Sequence[TextSample], pad_id: int) -> dict[str, torch.Tensor]:
     """Left padding: every row's last prompt token sits at the end, where generation continues."""
     length = max(len(p.input_ids) for p in prompts)
@@ -113,8 +84,10 @@ def generate(
     features: torch.Tensor,
     prompts: Sequence[TextSample],
     gen: GenerationConfig,
+    streamer=None,
 ) -> list[str]:
-    """One answer per row of ``features`` [B,T,Q,D] with its prompt; rows may differ in length."""
+    """One answer per row of ``features`` [B,T,Q,D] with its prompt; rows may differ in length.
+    ``streamer`` (a transformers streamer, one row) receives the tokens as they are generated."""
     device = features.device
     batch = {k: v.to(device) for k, v in left_pad(prompts, tokenizer.pad_token_id).items()}
     embeds = model.embed_with_video(batch["input_ids"], batch["video_mask"], model.video_tokens(features))
@@ -132,6 +105,7 @@ def generate(
         tokenizer=tokenizer,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
         **sampling,
     )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -157,7 +131,7 @@ class PromptSpec:
 
     def build(self, tokenizer, num_video_tokens: int, timestamps: Sequence[float] | None) -> TextSample:
         if self.template == "caption":
-            return caption_prompt(tokenizer, num_video_tokens)
+            return stage1_prompt(tokenizer, num_video_tokens)
         message = frame_times_message(timestamps) if timestamps else ""
         question = self.question if self.question is not None else "Describe this video."
         return conversation_prompt(

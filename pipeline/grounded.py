@@ -19,7 +19,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (50, 90, 235),
     "yellow": (235, 215, 40),
 }
-SHAPES = ("square", "circle", "triangle")
+# every shape the grounded corpora draw (a corpus uses some of them: standins.sample_data.GroundedSettings);
+# a shape name may be two words, matched as one phrase
+SHAPES = ("square", "circle", "triangle", "wide bar", "tall bar")
+DEFAULT_SHAPES = SHAPES[:3]  # the demo corpus's
 DIRECTIONS = ("left", "right", "up", "down")
 FACTORS = ("colour", "shape", "direction")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -30,6 +33,9 @@ NOVEL: tuple[tuple[str, str, str], ...] = (
     ("green", "triangle", "left"),
     ("blue", "square", "down"),
     ("yellow", "circle", "right"),
+    # for corpora with bars (a corpus holds out the triples here its vocabulary can make)
+    ("green", "wide bar", "up"),
+    ("yellow", "tall bar", "left"),
 )
 
 # Stage-2 questions about a grounded clip, by the factor they ask for ("caption": the whole sentence).
@@ -63,19 +69,29 @@ def question_answers(colour: str, shape: str, direction: str, rng) -> list[dict[
     ]
 
 
-def combinations() -> list[tuple[str, str, str]]:
-    """All colour x shape x direction triples, in a fixed order."""
-    return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+def combinations(shapes: tuple[str, ...] = DEFAULT_SHAPES) -> list[tuple[str, str, str]]:
+    """All colour x shape x direction triples of a shape vocabulary, in a fixed order."""
+    return [(c, s, d) for c in COLOURS for s in shapes for d in DIRECTIONS]
+
+
+def novel(shapes: tuple[str, ...] = DEFAULT_SHAPES) -> list[tuple[str, str, str]]:
+    """The ``NOVEL`` triples a corpus with this shape vocabulary holds out of training."""
+    return [t for t in NOVEL if t[1] in shapes]
 
 
 _WORDS = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": DIRECTIONS}
+_PATTERNS = {
+    f: re.compile(r"\b(" + "|".join(sorted(vocab, key=len, reverse=True)) + r")\b")
+    for f, vocab in _WORDS.items()
+}
 
 
 def read_factors(text: str) -> dict[str, str | None]:
-    """The factor values a (generated) text names: the first word of each factor's vocabulary it
-    contains, or None. Matching is on whole words, so ``reds`` or ``upward`` do not count."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return {f: next((w for w in words if w in vocab), None) for f, vocab in _WORDS.items()}
+    """The factor values a (generated) text names: the first of each factor's vocabulary it contains,
+    or None. Matching is on whole words (``reds`` or ``upward`` do not count; ``wide bar`` is one)."""
+    low = " ".join(re.findall(r"[a-z]+", text.lower()))
+    found = {f: p.search(low) for f, p in _PATTERNS.items()}
+    return {f: m.group(1) if m else None for f, m in found.items()}
 
 
 # ---- scoring generated captions ---------------------------------------------------------------------
@@ -85,11 +101,22 @@ def _rate(hits: list[bool]) -> float:
     return sum(hits) / len(hits) if hits else float("nan")
 
 
+def is_grounded(text: str) -> bool:
+    """Whether a text names a colour, a shape and a direction: a reference that can be scored."""
+    return None not in read_factors(text).values()
+
+
+def _named(r: dict[str, str | None], p: dict[str, str | None], f: str) -> bool:
+    """The prediction names the reference's value of ``f``; naming none is wrong even where the
+    reference names none either (no ``None == None`` match)."""
+    return r[f] is not None and p[f] == r[f]
+
+
 def accuracy(references: list[str], predictions: list[str]) -> dict[str, float]:
     """Share of clips whose prediction names the reference's colour, shape, direction, and all three."""
     pairs = [(read_factors(r), read_factors(p)) for r, p in zip(references, predictions, strict=True)]
-    out = {f: _rate([p[f] == r[f] for r, p in pairs]) for f in FACTORS}
-    out["all"] = _rate([all(p[f] == r[f] for f in FACTORS) for r, p in pairs])
+    out = {f: _rate([_named(r, p, f) for r, p in pairs]) for f in FACTORS}
+    out["all"] = _rate([all(_named(r, p, f) for f in FACTORS) for r, p in pairs])
     return out
 
 
@@ -127,7 +154,7 @@ def flipped(references: list[str], predictions: list[str]) -> float:
     """Share of clips whose prediction names the *opposite* of the reference's direction."""
     return _rate(
         [
-            read_factors(p)["direction"] == OPPOSITE[read_factors(r)["direction"]]
+            read_factors(p)["direction"] == OPPOSITE.get(read_factors(r)["direction"], "<none>")
             for r, p in zip(references, predictions, strict=True)
         ]
     )

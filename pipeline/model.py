@@ -26,7 +26,7 @@ autocast). Casting the whole ViT to fp16 instead moves the features measurably
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -93,6 +93,11 @@ class ModelConfig(WeightPaths):
     llm_intermediate_size: int = 11008
 
     def validate(self) -> None:
+        sizes = [f.name for f in fields(self) if f.type in (int, "int")]
+        if bad := [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]:
+            raise ConfigError(f"model: sizes must be >= 1: {', '.join(bad)}")
+        if not 0 <= self.dropout < 1 or not 0 < self.vision_eps < 1:
+            raise ConfigError("model.dropout must be in [0, 1) and model.vision_eps in (0, 1)")
         for width, heads, what in (
             (self.vision_width, self.vision_heads, "vision_width/vision_heads"),
             (self.feature_dim, self.qformer_heads, "feature_dim/qformer_heads"),

@@ -26,6 +26,11 @@ writes its 32 projected video tokens, plus labels that are -100 except on superv
   - ``answers``: only each answer plus what ends it (``\\n###`` / `` </s>``), found by character
     offsets (needs a fast tokenizer): the cleaner objective this project used before.
 
+Inference uses the same facts: ``stage1_prompt`` (the stage-1 sample without its caption) and
+``conversation_prompt`` (a stage-2 template up to the open assistant turn). The visual block
+``<Video><ImageHere>*N</Video>`` is built only by ``visual_block`` / ``visual_turn``, and the placeholder id
+only by ``image_token_id``, which refuses an unprepared tokenizer.
+
 Too-long conversations are cut at ``max_len`` tokens (BOS included) like the original's
 ``truncation=True``, unless that would cut the video placeholders or every supervised token; then the
 builder returns None so the caller can count the skip (the original would crash or learn nothing).
@@ -92,7 +97,9 @@ def build_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The ``<ImageHere>`` id; refuses a tokenizer that ``prepare_tokenizer`` has not prepared (its id
+    would be ``<unk>`` and the video would overwrite every unknown word)."""
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no {IMAGE_PATCH_TOKEN} token; call prepare_tokenizer first")
@@ -119,7 +126,7 @@ def caption_sample(
 ) -> TextSample:
     """``[BOS] {before} <ImageHere>*N {after} caption+end``, labels only on the (truncated) caption tokens.
 
-    Stage 1 has no prompt. Stage 2 caption samples pass ``caption_prompt(...)``: the original's
+    Stage 1 has no prompt. Stage 2 caption samples pass ``instruction_prompt(...)``: the original's
     ``prompt_wrap``, whose text holds one ``<ImageHere>``; each piece is tokenized on its own.
     """
     before, after = prompt.split(IMAGE_PATCH_TOKEN) if prompt else ("", "")
@@ -127,7 +134,7 @@ def caption_sample(
     prefix = [
         tokenizer.bos_token_id,
         *_tokens(tokenizer, before),
-        *[_image_token_id(tokenizer)] * num_video_tokens,
+        *[image_token_id(tokenizer)] * num_video_tokens,
         *_tokens(tokenizer, after),
     ]
     start = 1 + len(_tokens(tokenizer, before))
@@ -138,12 +145,62 @@ def caption_sample(
     )
 
 
-def caption_prompt(template: Template, modality: Modality, instruction: str) -> tuple[str, str]:
+def instruction_prompt(template: Template, modality: Modality, instruction: str) -> tuple[str, str]:
     """(prompt, end) of a stage-2 caption sample: the original's ``prompt_template`` around a line of
     its ``prompts/alignment_image.txt`` (``<Image><ImageHere></Image> {instruction}``)."""
     wrap, end = CAPTION_PROMPTS[template]
+    return wrap.replace("{}", visual_turn(instruction, modality=modality, num_video_tokens=1)), end
+
+
+def visual_block(
+    modality: Modality = "video", num_video_tokens: int = 32, placeholder: str = IMAGE_PATCH_TOKEN
+) -> str:
+    """``<Video><ImageHere>*N</Video>`` (``<Image>`` for images): where the projected video tokens go."""
     tag = "Video" if modality == "video" else "Image"
-    return wrap.replace("{}", f"<{tag}>{IMAGE_PATCH_TOKEN}</{tag}> {instruction}"), end
+    return f"<{tag}>{placeholder * num_video_tokens}</{tag}>"
+
+
+def visual_turn(
+    question: str,
+    message: str = "",
+    modality: Modality = "video",
+    num_video_tokens: int = 32,
+    placeholder: str = IMAGE_PATCH_TOKEN,
+) -> str:
+    """The first question with the visual block before it: ``<Video>...</Video> {message}{question}``."""
+    return f"{visual_block(modality, num_video_tokens, placeholder)} {message}{question}"
+
+
+def stage1_prompt(tokenizer: PreTrainedTokenizerBase, num_video_tokens: int = 32) -> TextSample:
+    """Inference with the stage-1 form: ``[BOS] <ImageHere>*N`` (the training sample without its caption)."""
+    ids = [tokenizer.bos_token_id] + [image_token_id(tokenizer)] * num_video_tokens
+    return TextSample(ids, [], list(range(1, 1 + num_video_tokens)))
+
+
+def conversation_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    history: Sequence[tuple[str, str]],
+    question: str,
+    template: Template,
+    message: str = "",
+    num_video_tokens: int = 32,
+) -> TextSample:
+    """Inference with a stage-2 template: earlier turns + the new question, ending where the assistant's
+    answer starts (``...###Assistant:`` / ``...[/INST]``, as the original's ``Conversation.get_prompt()``)."""
+    turns = [*history, (question, "")]
+    turns[0] = (
+        visual_turn(turns[0][0].replace(IMAGE_PATCH_TOKEN, ""), message, "video", num_video_tokens),
+        turns[0][1],
+    )
+    text, spans = render_conversation(turns, template)
+    start = spans[-1][0]
+    text = text[: start - 1] if text[start - 1] == " " else text[:start]
+    ids = _with_bos(tokenizer, text)
+    image_id = image_token_id(tokenizer)
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    if len(positions) != num_video_tokens:
+        raise ValueError(f"the prompt holds {len(positions)} video placeholders, expected {num_video_tokens}")
+    return TextSample(ids, [], positions)
 
 
 def frame_times_message(seconds: Sequence[float]) -> str:
@@ -152,12 +209,7 @@ def frame_times_message(seconds: Sequence[float]) -> str:
     return f"The video contains {len(seconds)} frames sampled at {times} seconds. "
 
 
-def _visual_block(modality: Modality, num_video_tokens: int) -> str:
-    tag = "Video" if modality == "video" else "Image"
-    return f"<{tag}>{IMAGE_PATCH_TOKEN * num_video_tokens}</{tag}>"
-
-
-def _with_visual(turns: Sequence[tuple[str, str]], modality: Modality, block: str, message: str):
+def _with_visual(turns: Sequence[tuple[str, str]], modality: Modality, num_video_tokens: int, message: str):
     """Put the placeholder block where the original does.
 
     Videos: before the first question, with the frame-timestamp message. Images: at LLaVA's
@@ -169,11 +221,11 @@ def _with_visual(turns: Sequence[tuple[str, str]], modality: Modality, block: st
     texts = [t for pair in turns for t in pair]
     marked = next((i for i, t in enumerate(texts) if "<image>" in t), None) if modality == "image" else None
     if marked is None:
-        texts[0] = f"{block} {message}{texts[0]}"
+        texts[0] = visual_turn(texts[0], message, modality, num_video_tokens)
     else:
         texts = [t if i == marked else t.replace("<image>", "") for i, t in enumerate(texts)]
         head, _, tail = texts[marked].partition("<image>")
-        texts[marked] = head + block + tail.replace("<image>", "")
+        texts[marked] = head + visual_block(modality, num_video_tokens) + tail.replace("<image>", "")
     return list(zip(texts[0::2], texts[1::2], strict=True))
 
 
@@ -257,7 +309,7 @@ def conversation_sample(
         return None
     if label_mask not in LABEL_MASKS:
         raise ValueError(f"label_mask must be one of {LABEL_MASKS}, not {label_mask!r}")
-    turns = _with_visual(turns, modality, _visual_block(modality, num_video_tokens), message)
+    turns = _with_visual(turns, modality, num_video_tokens, message)
     text, spans = render_conversation(turns, template)
     ids = _with_bos(tokenizer, text)
     if label_mask == "answers":
@@ -267,7 +319,7 @@ def conversation_sample(
     else:
         labels = _llama2_original_labels(tokenizer, ids, text)
     ids, labels = ids[:max_len], labels[:max_len]
-    image_id = _image_token_id(tokenizer)
+    image_id = image_token_id(tokenizer)
     positions = [i for i, t in enumerate(ids) if t == image_id]
     if len(positions) != num_video_tokens or all(lab == IGNORE_INDEX for lab in labels):
         return None  # truncation cut the video block or left nothing to learn

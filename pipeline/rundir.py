@@ -10,6 +10,9 @@
       report/                     cli.py report's HTML + PNG                     REPORT
       mlflow.db  mlartifacts/     the default MLflow store and its artifacts    MLFLOW_DB, MLFLOW_ARTIFACTS
       mlflow_run_id               the MLflow run a resumed job continues        MLFLOW_RUN_ID
+      .lock                       held by the running job (pipeline.folderlock)  LOCK_FILE there
+      COMPLETE                    written after the final export: the run      COMPLETE
+                                  finished (step, loss, the export's SHA-256s)
       checkpoints/step_00001000/  CHECKPOINTS / checkpoint_tag(step)
           train_state_rank0.json  this rank's TrainState + RNG                  train_state_file(rank)
           export/                 trainable-only export                         EXPORT

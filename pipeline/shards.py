@@ -261,6 +261,18 @@ def write_json(data: Any, final: Path) -> None:
 # ---- readers ---------------------------------------------------------------------------------------
 
 
+def unfinished_output(folder: str | Path) -> str | None:
+    """Why ``folder`` is the output of a preprocess job that has not finished (killed, crashed, or still
+    running), else None. A finished job removes its plan and staging area and writes the index and the
+    summary last; a folder of shards not written by the job (no config marker) is taken as it is."""
+    folder = Path(folder)
+    left = [n for n in (PLAN_FILE, STAGING_DIR) if (folder / n).exists()]
+    missing = [n for n in (INDEX_FILE, SUMMARY_FILE) if not (folder / n).is_file()]
+    if not left and not ((folder / CONFIG_FILE).is_file() and missing):
+        return None
+    return ", ".join([f"{n} present" for n in left] + [f"no {n}" for n in missing])
+
+
 def list_shards(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(
@@ -310,6 +322,42 @@ def first_view(x: np.ndarray, kind: str) -> np.ndarray:
 
 
 # ---- shard sets: what a folder holds, and whether it fits a model --------------------------------
+
+
+@dataclass(frozen=True)
+class WrittenConfig:
+    """A shard folder's ``_config.json``: the fingerprint and the resolved preprocessing config of the
+    job that wrote it, with typed access to what the readers check."""
+
+    fingerprint: str | None
+    config: dict[str, Any]
+
+    @property
+    def num_frames(self) -> int | None:
+        return self.config.get("num_frames")
+
+    @property
+    def size(self) -> int | None:
+        return self.config.get("size")
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """The feature-cache settings (``enabled``, the encoder's weight paths, ...); {} without any."""
+        return self.config.get("features") or {}
+
+
+def read_shard_config(folder: str | Path) -> WrittenConfig | None:
+    """The folder's ``_config.json``, or None when no job wrote one (a hand-made or older shard set)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({e}); remove it or rerun the job") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} holds {type(data).__name__}, expected an object")
+    return WrittenConfig(data.get("fingerprint"), data.get("config") or {})
 
 
 @dataclass(frozen=True)
@@ -369,20 +417,23 @@ def inspect_shards(
     shards = ShardSet(folder, kind, t, encoder)
     want_t = t if num_frames is None else num_frames
     if kind == "frames":
-        written = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
-        _check_frames(sample["frames"], written.get("config", {}), want_t, mcfg, key, where)
+        _check_frames(sample["frames"], read_shard_config(folder), want_t, mcfg, key, where)
     else:
         _check_features(sample["features"], encoder, want_t, mcfg, key, where)
     return shards
 
 
-def _check_frames(x: np.ndarray, wcfg: dict[str, Any], num_frames: int, mcfg, key: str, where: str) -> None:
+def _check_frames(
+    x: np.ndarray, written: WrittenConfig | None, num_frames: int, mcfg, key: str, where: str
+) -> None:
     t, h, w, c = x.shape[-4:]
-    if t != num_frames or (t > 1 and wcfg.get("num_frames", t) != num_frames):
+    wrote_t = written.num_frames if written and written.num_frames is not None else t
+    if t != num_frames or (t > 1 and wrote_t != num_frames):
         raise ConfigError(f"{key} is {num_frames} but the {where} hold {t} frames per clip{_hint(t)}")
     if mcfg is not None:
         size = mcfg.image_size
-        if (h, w) != (size, size) or wcfg.get("size", size) != size:
+        wrote_size = written.size if written and written.size is not None else size
+        if (h, w) != (size, size) or wrote_size != size:
             raise ConfigError(
                 f"model.image_size is {size} but the {where} hold {h}x{w} frames "
                 f"(preprocess with --size {size} or change the model)"

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from pipeline.prompts import visual_block
+
 _CORPUS = [
     "a man is riding a horse on the beach at sunset.",
     "two dogs play with a red ball in the park, the camera follows them.",
     "###Human: What is happening in this video?\n###Assistant: A woman is cooking pasta in a kitchen.\n###",
     "[INST] <<SYS>>\n \n<</SYS>>\n\nDescribe the image in detail. [/INST] A cat sleeps on a sofa. </s>",
-    "<Video></Video> <Image></Image> The video contains 8 frames sampled at 0.0, 1.2, 2.5 seconds. ",
+    f"{visual_block('video', 0)} {visual_block('image', 0)} The video contains 8 frames sampled at 0.0, 1.2, 2.5 seconds. ",
 ]
 
 

@@ -9,19 +9,57 @@ Everything a run writes stays in its folder: with the default store, the artifac
 or moved run folder never writes into the one it came from. A run resumed after a crash logs each step
 once: points the killed attempt already logged past the checkpoint are not logged again (resume is
 exact, so they hold the same losses).
+
+A tracking server never costs training time: a run checks it answers before it starts (seconds, one
+line when it does not); when it goes away mid-run, a warning is printed, training goes on (every step
+is in ``metrics.jsonl``), and the points it missed are logged when it answers again (retried every
+``RETRY_S`` seconds) or at the run's next start. MLflow's own retries (7, about 4 minutes per call)
+are cut to ``HTTP_RETRIES`` with ``HTTP_TIMEOUT_S`` unless the environment sets them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN_ID
+from pipeline.config import ConfigError
+from pipeline.rundir import METRICS, MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN_ID
+
+CHECK_TIMEOUT_S = 5.0  # the check before training
+HTTP_RETRIES, HTTP_TIMEOUT_S = 1, 10  # per MLflow request (MLflow's defaults: 7 retries, 120 s)
+RETRY_S = 30.0  # while the server is away, one try per this many seconds
+BATCH = 1000  # metrics per log_batch (MLflow's limit)
+
+
+class TrackingUnavailable(ConfigError):
+    """The tracking server does not answer; the message names the URI."""
+
+
+def check_server(uri: str) -> None:
+    """One request with a short timeout to an http(s) tracking server; :class:`TrackingUnavailable` in
+    one line when nothing answers. Any HTTP answer (even an error status) means a server is there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as e:
+        why = getattr(e, "reason", e)
+        raise TrackingUnavailable(
+            f"tracking_uri: no MLflow server answers at {uri} ({why}); start it, set tracking_uri to one "
+            "that runs, or tracking=false to train without MLflow"
+        ) from None
 
 
 class NullTracker:
@@ -34,6 +72,12 @@ class NullTracker:
         pass
 
     def skip_logged_steps(self) -> None:
+        pass
+
+    def logged_step(self) -> int:
+        return 1 << 62  # nothing to backfill
+
+    def backfill(self, rows: list[dict[str, Any]]) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -72,19 +116,50 @@ def resolve_uri(run_dir: str | Path, uri: str | None = None) -> str:
     return uri or f"sqlite:///{Path(run_dir).resolve() / MLFLOW_DB}"
 
 
-class MlflowTracker:
-    """One MLflow run; resumes the run whose id is stored in ``run_dir``."""
+def _errors() -> tuple[type[BaseException], ...]:
+    """What a store that is away raises (connection refused, timeouts, 5xx after the retries)."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, run_dir: str | Path, experiment: str, uri: str | None = None, run_name=None):
+    return (MlflowException, requests.exceptions.RequestException, OSError, sqlite3.Error)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
+
+
+class MlflowTracker:
+    """One MLflow run; resumes the run whose id is stored in ``run_dir``. ``backlog`` (the run's
+    metrics.jsonl) is where points missed while the server was away are read back from; without it they
+    are kept in memory."""
+
+    def __init__(
+        self, run_dir: str | Path, experiment: str, uri: str | None = None, run_name=None, backlog=None
+    ):
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
         self.uri = resolve_uri(run_dir, uri)
+        self.backlog = Path(backlog) if backlog else None
+        self.pending: dict[int, dict[str, float] | None] = {}  # step -> metrics (None: in the backlog)
+        self.away_since: float | None = None
+        self.next_try = 0.0
         id_file = Path(run_dir) / MLFLOW_RUN_ID
         self.resumed = id_file.is_file()
         self.logged: dict[str, int] = {}  # metric -> last step already in the store (see skip_logged_steps)
         if self.resumed and self.uri == resolve_uri(run_dir) and self.uri.startswith("sqlite:///"):
             rehome_artifacts(Path(run_dir) / MLFLOW_DB, Path(run_dir) / MLFLOW_ARTIFACTS)
         self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self._open(id_file, experiment, run_dir, run_name)
+        except _errors() as e:
+            raise TrackingUnavailable(
+                f"tracking: MLflow at {self.uri} failed ({_first_line(e)}); tracking=false trains without it"
+            ) from None
+
+    def _open(self, id_file: Path, experiment: str, run_dir, run_name) -> None:
         if self.resumed:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
@@ -100,6 +175,73 @@ class MlflowTracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             id_file.write_text(self.run_id)
 
+    # ---- a store that goes away: warn, keep what it missed, log it when it answers again ----------
+
+    def _away(self, e: BaseException) -> None:
+        if self.away_since is None:
+            self.away_since = time.monotonic()
+            print(
+                f"[tracking] warning: MLflow at {self.uri} does not answer ({_first_line(e)}); training goes "
+                f"on and {METRICS} keeps every step: the points it misses are logged when it answers "
+                "again, or at the run's next start",
+                flush=True,
+            )
+        self.next_try = time.monotonic() + RETRY_S
+
+    def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        try:
+            fn(*args, **kwargs)
+            return True
+        except _errors() as e:
+            self._away(e)
+            print(f"[tracking] warning: MLflow did not get {what}", flush=True)
+            return False
+
+    def _send(self, points: list[tuple[int, dict[str, float]]]) -> bool:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), ts, step)
+            for step, metrics in points
+            for k, v in metrics.items()
+            if k != "step" and step > self.logged.get(k, -1)
+        ]
+        try:
+            for i in range(0, len(batch), BATCH):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + BATCH])
+        except _errors() as e:
+            self._away(e)
+            return False
+        return True
+
+    def _missed_points(self) -> list[tuple[int, dict[str, float]]]:
+        kept = [(step, m) for step, m in self.pending.items() if m is not None]
+        wanted = {step for step, m in self.pending.items() if m is None}
+        if wanted and self.backlog is not None and self.backlog.is_file():
+            for line in self.backlog.read_text().splitlines():
+                row = json.loads(line) if line else {}
+                if row.get("step") in wanted:
+                    kept.append((row["step"], row))
+        return sorted(kept, key=lambda p: p[0])
+
+    def _retry(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self.next_try:
+            return
+        points = self._missed_points()
+        if self._send(points):
+            print(
+                f"[tracking] MLflow at {self.uri} answers again: logged {len(points)} missed steps",
+                flush=True,
+            )
+            self.pending.clear()
+            self.away_since = None
+
+    def _keep(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending[step] = None if self.backlog is not None else dict(metrics)
+
+    # ---- the interface ------------------------------------------------------------------------------
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Logged once per run: a resumed run keeps the first attempt's params (MLflow refuses changes)."""
         from mlflow.entities import Param
@@ -108,37 +250,57 @@ class MlflowTracker:
             return
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            if not self._call(
+                "the run's params", self.client.log_batch, self.run_id, params=items[i : i + 100]
+            ):
+                return
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
+        if self.away_since is not None:
+            self._keep(step, metrics)
+            self._retry()
+        elif not self._send([(step, metrics)]):
+            self._keep(step, metrics)
 
-        from mlflow.entities import Metric
+    def backfill(self, rows: list[dict[str, Any]]) -> None:
+        """Log ``rows`` ({"step": N, metric: value, ...}) that an earlier attempt could not."""
+        if rows and self._send([(r["step"], r) for r in rows]):
+            print(f"[tracking] logged {len(rows)} steps an earlier attempt could not", flush=True)
+        elif rows:
+            for r in rows:
+                self._keep(r["step"], r)
 
-        ts = int(time.time() * 1000)
-        points = [Metric(k, float(v), ts, step) for k, v in metrics.items() if step > self.logged.get(k, -1)]
-        if points:
-            self.client.log_batch(self.run_id, metrics=points)
+    def logged_step(self, key: str = "loss") -> int:
+        """The newest step the store holds for ``key`` (-1: none), as of :meth:`skip_logged_steps`."""
+        return self.logged.get(key, -1)
 
     def skip_logged_steps(self) -> None:
         """From now on, do not log a metric at a step the store already holds for it: a training run
         resumed from its last checkpoint recomputes the steps its killed attempt logged after it."""
-        latest = self.client.get_run(self.run_id).data.to_proto().metrics  # the newest point per key
+        try:
+            latest = self.client.get_run(self.run_id).data.to_proto().metrics  # the newest point per key
+        except _errors() as e:
+            self._away(e)
+            return
         self.logged = {m.key: m.step for m in latest}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._call(f"the artifact {path}", fn, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            if not self._call(f"the tag {k}", self.client.set_tag, self.run_id, k, str(v)):
+                return
 
     def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        if self.pending:
+            self._retry(force=True)
+        if self.pending:
+            print(f"[tracking] warning: {len(self.pending)} steps are not in MLflow yet", flush=True)
+            return  # left RUNNING: the next start logs them, then ends the run
+        self._call(f"the run's end ({status})", self.client.set_terminated, self.run_id, status=status)
 
 
 def rehome_artifacts(db: Path, artifacts: Path) -> None:
@@ -176,6 +338,7 @@ def attached(run_dir: str | Path, experiment: str, uri: str | None = None) -> It
 
 
 def make_tracker(is_main: bool, enabled: bool, run_dir, experiment: str, uri=None, run_name=None):
+    """A training run's tracker: missed points are read back from its metrics.jsonl."""
     if not (is_main and enabled):
         return NullTracker()
-    return MlflowTracker(run_dir, experiment, uri, run_name)
+    return MlflowTracker(run_dir, experiment, uri, run_name, backlog=Path(run_dir) / METRICS)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import load_config, save_yaml
 from pipeline.model import ModelConfig, VideoLLaMA, vit_g
-from pipeline.rundir import MODEL_CONFIG, TRAINABLE_WEIGHTS
+from pipeline.rundir import COMPLETE, MODEL_CONFIG, TRAINABLE_WEIGHTS
 
 EXPORT_FORMAT = "videollama-pipeline/trainable-v1"
 # Key of a ``.pth`` written by this project holding the ModelConfig (plain data, loads with
@@ -428,11 +428,69 @@ def export_trainable(model_or_sd: VideoLLaMA | dict[str, torch.Tensor], cfg: Mod
     return out
 
 
-def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config."""
+def sha256_file(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def verify_export(directory: str | Path) -> None:
+    """Refuse an export whose files differ from the size and SHA-256 recorded when it was written.
+
+    The record is the ``COMPLETE`` file next to it: a checkpoint's (``step_N/COMPLETE`` lists
+    ``export/...``) or a finished run's (``RUN/COMPLETE`` for ``RUN/export``). An export without one
+    (a ``convert`` output, a run from before the digests were recorded) has nothing to compare."""
     directory = Path(directory)
+    record = directory.parent / COMPLETE
+    if not record.is_file():
+        return
+    try:
+        files = json.loads(record.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        raise WeightsError(
+            f"{record} is not valid JSON: the digests of {directory} cannot be checked"
+        ) from None
+    prefix = directory.name + "/"
+    for rel, (size, digest) in files.items():
+        if not rel.startswith(prefix):
+            continue
+        f = directory / rel.removeprefix(prefix)
+        if not f.is_file():
+            raise WeightsError(f"{f} is missing ({record} lists it)")
+        if f.stat().st_size != size or sha256_file(f) != digest:
+            raise WeightsError(
+                f"{f} does not hold the bytes it was written with (its SHA-256 differs from the one "
+                f"{record} recorded): refused; restore it or use another export"
+            )
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse weights of a diverged run: they caption nothing or fail inside sampling."""
+    if bad := nonfinite_tensors(sd):
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise WeightsError(
+            f"{where} holds non-finite weights (NaN or inf in {shown}): the run that wrote it diverged; "
+            "use an earlier checkpoint's export"
+        )
+
+
+def load_trainable(directory: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """An export directory -> (trainable state dict, ModelConfig), shapes checked against the config;
+    its files are checked against the digests recorded when it was written (:func:`verify_export`)."""
+    directory = Path(directory)
+    verify_export(directory)
     cfg = load_config(ModelConfig, directory / MODEL_CONFIG)
-    sd = load_file(str(directory / TRAINABLE_WEIGHTS))
+    path = directory / TRAINABLE_WEIGHTS
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:  # truncated, not safetensors, absent
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
     check_shapes(sd, trainable_shapes(cfg), str(directory))
     return sd, cfg
 
@@ -444,19 +502,70 @@ def load_trainable_weights(model: VideoLLaMA, src: str | Path) -> LoadReport:
         report = LoadReport()
     else:
         sd, report = import_videollama_checkpoint(src, model.cfg)
+    check_finite(sd, src)
     return _load_into(model, sd, trainable_shapes(model.cfg), str(src), report)
 
 
-def convert(src: str | Path, dst: str | Path, cfg: ModelConfig | None = None) -> LoadReport:
+# What a converted file may hold besides float32: other float types only on request (a deliberate cast).
+CASTABLE = (torch.float16, torch.bfloat16, torch.float64)
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def _missing_error(what: str, keys: list[str]) -> WeightsError:
+    return WeightsError(f"{what} lacks {len(keys)} trainable tensor(s): {_names(keys)}")
+
+
+def _extra_error(what: str, keys: list[str]) -> WeightsError:
+    return WeightsError(
+        f"{what} holds {len(keys)} tensor(s) that are not trainable weights of this model: {_names(keys)}"
+    )
+
+
+def checked_trainable(
+    sd: dict[str, torch.Tensor], expected: dict[str, torch.Size], what: str, cast_float32: bool = False
+) -> dict[str, torch.Tensor]:
+    """Exactly the trainable tensors, float32 and finite, or one WeightsError line saying what is not:
+    a converted file is what a run starts from, so nothing in it may be dropped, guessed or NaN.
+    ``cast_float32`` converts float16/bfloat16/float64 tensors; integer and bool tensors never are."""
+    if missing := [k for k in expected if k not in sd]:
+        raise _missing_error(what, missing)
+    if extra := [k for k in sd if k not in expected]:
+        raise _extra_error(what, extra)
+    allowed = (torch.float32, *CASTABLE) if cast_float32 else (torch.float32,)
+    if wrong := [
+        f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in sd.items() if v.dtype not in allowed
+    ]:
+        hint = "" if cast_float32 else "; --cast-float32 converts float16/bfloat16/float64 deliberately"
+        raise WeightsError(
+            f"{what}: trainable weights are float32, {len(wrong)} tensor(s) are not: {_names(wrong)}{hint}"
+        )
+    sd = {k: v.float() for k, v in sd.items()}
+    if nonfinite := [k for k, v in sd.items() if not torch.isfinite(v).all()]:
+        raise WeightsError(f"{what}: {len(nonfinite)} tensor(s) hold NaN or inf: {_names(nonfinite)}")
+    return sd
+
+
+def convert(
+    src: str | Path, dst: str | Path, cfg: ModelConfig | None = None, cast_float32: bool = False
+) -> LoadReport:
     """``cli.py convert SRC DST``: a Video-LLaMA ``.pth`` -> export directory, or an export directory
-    -> Video-LLaMA ``.pth``; the direction follows what SRC is."""
+    -> Video-LLaMA ``.pth``; the direction follows what SRC is. Refuses (``checked_trainable``) a
+    missing or extra tensor, a dtype other than float32 unless ``cast_float32``, and NaN/inf."""
     src = Path(src)
     if src.is_dir():
         sd, export_cfg = load_trainable(src)
+        sd = checked_trainable(sd, trainable_shapes(export_cfg), str(src), cast_float32)
         to_videollama_checkpoint(sd, dst, export_cfg)
         return LoadReport(loaded=sorted(sd))
     sd, report = import_videollama_checkpoint(src, cfg)
     if report.missing:
-        raise WeightsError(f"{src} lacks trainable tensors:\n{report}")
-    export_trainable(sd, cfg or videollama_checkpoint_config(src), dst)
+        raise _missing_error(str(src), report.missing)
+    if report.unexpected:  # set aside by the import; a conversion keeps nothing back silently
+        raise _extra_error(str(src), report.unexpected)
+    model_cfg = cfg or videollama_checkpoint_config(src)
+    sd = checked_trainable(sd, trainable_shapes(model_cfg), str(src), cast_float32)
+    export_trainable(sd, model_cfg, dst)
     return report

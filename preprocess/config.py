@@ -11,6 +11,17 @@ from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
 
 # Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 OBJECT_STORE_MIN_MB = 75
+# The decoder child's address space (RLIMIT_AS = decode_memory_mb), measured on a 596x336 H.264 clip:
+# its libraries alone need 250-300 MB (below, every row fails as decode_error: "failed to map segment"),
+# and the sampled frames about 4x their size on top (8 frames at 2048 px failed under 600 MB and
+# decoded under 1000; at 4096 px failed under 1000, decoded under 2000).
+DECODER_BASE_MB = 300
+DECODER_FRAME_FACTOR = 4
+
+
+def decoder_memory_mb(num_frames: int, views: int, size: int) -> float:
+    """The least decode_memory_mb a clip of these frames can decode under (see DECODER_BASE_MB)."""
+    return DECODER_BASE_MB + DECODER_FRAME_FACTOR * num_frames * views * size * size * 3 / 2**20
 
 
 @dataclass
@@ -96,6 +107,9 @@ class PreprocessConfig:
     object_store_mb: int | None = None
     limit: int | None = None  # only the first N input rows (smoke runs)
     progress_every_s: float = 5.0
+    # stop when the first N rows all fail for one decoding reason (SUSPECT_REASONS): that is the
+    # configuration (size, frames, decoder limits), not the videos; 0: never stop
+    config_check_rows: int = 32
 
     def __post_init__(self) -> None:
         """Resolve the default frame size: the one the encoder takes, so ``--cache-features`` needs no
@@ -125,6 +139,18 @@ class PreprocessConfig:
             raise ConfigError("decode_timeout_s: must be > 0")
         if self.views < 1:
             raise ConfigError("views: must be >= 1")
+        if self.config_check_rows < 0:
+            raise ConfigError("config_check_rows: must be >= 0 (0: never stop early)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: {self.limit} must be >= 1 (leave it out for every row)")
+        need = decoder_memory_mb(self.num_frames, self.views, self.size)
+        if self.decode_memory_mb < need:
+            raise ConfigError(
+                f"size/decode_memory_mb: {self.num_frames * self.views} frames of {self.size}x{self.size} px "
+                f"need about {need:,.0f} MB in the decoder (its libraries alone {DECODER_BASE_MB} MB), more "
+                f"than decode_memory_mb={self.decode_memory_mb}: every row would fail as decode_error "
+                f"(the original's size is {DEFAULT_SIZE})"
+            )
         self.caption.validate()
         if self.features.batch_size < 1:
             raise ConfigError(f"features.batch_size: {self.features.batch_size} must be >= 1")

@@ -19,6 +19,8 @@ the same bytes as an uninterrupted run. The driver keeps O(shards) state: no per
 
 from __future__ import annotations
 
+import _thread
+import errno
 import json
 import math
 import os
@@ -34,7 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, check_writable, to_dict
+from pipeline.config import ConfigError, check_writable, out_of_space, to_dict
+from pipeline.folderlock import LOCK_FILE, folder_lock
 from pipeline.raycluster import init_ray, quiet_actor_restart_warning, shutdown_ray
 from pipeline.shards import (
     CONFIG_FILE,
@@ -48,6 +51,7 @@ from pipeline.shards import (
     commit,
     list_shards,
     part_digest,
+    read_shard_config,
     tmp_path,
     write_json,
 )
@@ -77,13 +81,12 @@ def check_output(cfg: PreprocessConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
     check_writable(out)
-    marker = out / CONFIG_FILE
-    if marker.exists():
-        theirs = json.loads(marker.read_text())
-        if theirs.get("fingerprint") != cfg.output_fingerprint():
+    theirs = read_shard_config(out)
+    if theirs is not None:
+        if theirs.fingerprint != cfg.output_fingerprint():
             diff = {
                 k: (v, to_dict(cfg).get(k))
-                for k, v in theirs.get("config", {}).items()
+                for k, v in theirs.config.items()
                 if k not in ("workers", "ray_address", "progress_every_s", "object_store_mb")
                 and to_dict(cfg).get(k) != v
             }
@@ -92,7 +95,7 @@ def check_output(cfg: PreprocessConfig) -> None:
                 f"{', '.join(f'{k}: {a!r} there vs {b!r} now' for k, (a, b) in diff.items()) or 'inputs'}); "
                 "use a new output folder or the same arguments"
             )
-    elif any(out.iterdir()):
+    elif any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ConfigError(f"output: {cfg.output!r} is not empty and was not written by this job")
 
 
@@ -171,15 +174,24 @@ class _Tracker:
 
     def __init__(self):
         self.ok, self.failed, self.reasons = 0, 0, Counter()
+        self.examples: dict[str, str] = {}  # the first message of each failure reason
         self.units: dict[int, set[int]] = {}
 
     def add(self, delta: dict) -> None:
         self.ok += delta["ok"]
         self.failed += delta["failed"]
         self.reasons.update(delta["reasons"])
+        for reason, message in delta.get("examples", {}).items():
+            self.examples.setdefault(reason, message)
 
     def get(self) -> tuple[int, int, dict]:
         return self.ok, self.failed, dict(self.reasons)
+
+    def suspect(self, rows: int) -> tuple[str, int, str] | None:
+        """(reason, rows, a message) when no row is ok yet and at least ``rows`` rows all failed for
+        one decoding reason (see ``config_suspect``)."""
+        reason = config_suspect(self.ok, self.failed, self.reasons, rows)
+        return None if reason is None else (reason, self.failed, self.examples.get(reason, ""))
 
     def unit_done(self, shard: int, unit: int, units: int) -> bool:
         done = self.units.setdefault(shard, set())
@@ -188,6 +200,29 @@ class _Tracker:
             return False
         del self.units[shard]
         return True
+
+
+# Failures a configuration causes for every row (frame size, frame count, decoder limits), which the
+# per-row message would otherwise blame on each video. missing_file and the like name the path already.
+SUSPECT_REASONS = ("decode_error", "decode_memory", "decoder_crashed", "decode_timeout", "too_short")
+
+
+def config_suspect(ok: int, failed: int, reasons: dict[str, int], rows: int) -> str | None:
+    """The reason when the first ``rows`` (or more) rows all failed for one of SUSPECT_REASONS."""
+    if rows < 1 or ok or failed < rows or len(reasons) != 1:
+        return None
+    (reason,) = reasons
+    return reason if reason in SUSPECT_REASONS else None
+
+
+def _suspect_error(cfg: PreprocessConfig, found: tuple[str, int, str]) -> ConfigError:
+    reason, rows, message = found
+    return ConfigError(
+        f"stopped: the first {rows} rows all failed as {reason} ({message[:160]}); that is probably the "
+        f"configuration, not the videos (size={cfg.size}, num_frames={cfg.num_frames}, "
+        f"min_frames={cfg.required_frames}, decode_memory_mb={cfg.decode_memory_mb}, "
+        f"decode_timeout_s={cfg.decode_timeout_s:g}); config_check_rows=0 goes on regardless"
+    )
 
 
 def _print_progress(done: int, failed: int, total: int, t0: float, reasons: dict) -> None:
@@ -208,11 +243,30 @@ def format_reasons(reasons: dict[str, int], top: int = 4) -> str:
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``)."""
+    """Run the job; returns the summary (also written to ``OUTPUT/summary.json``). The job holds the
+    output folder's lock (pipeline.folderlock): a second job into it is refused in one line. A full disk
+    is one line naming the folder (committed shards stay and a rerun resumes), not a Ray traceback."""
+    try:
+        return _locked_run(cfg)
+    except Exception as e:
+        if (full := out_of_space(e, cfg.output)) is not None:
+            raise full from None
+        raise
 
+
+def _locked_run(cfg: PreprocessConfig) -> dict[str, Any]:
     timing: dict[str, float] = {"start_to_run_s": _since_process_start()}
-    t_start = time.monotonic()
     resolve_paths(cfg)
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {cfg.output!r} exists and is not a folder")
+    check_writable(out)
+    with folder_lock(out, "output", "preprocess"):
+        return _run(cfg, timing)
+
+
+def _run(cfg: PreprocessConfig, timing: dict[str, float]) -> dict[str, Any]:
+    t_start = time.monotonic()
     check_output(cfg)
     check_inputs(cfg)
 
@@ -336,8 +390,15 @@ def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing:
         out = []
         for fields in json.loads(item["units"]):
             unit = WorkUnit(**fields)
-            ready = process_unit(unit, cfg, tracker)
-            out.append({"shard": unit.shard, "units": unit.units, "digest": unit.digest, "ready": ready})
+            row = {"shard": unit.shard, "units": unit.units, "digest": unit.digest, "no_space": ""}
+            try:
+                row["ready"] = process_unit(unit, cfg, tracker)
+            except OSError as e:  # the driver says it in one line, without Ray's task traceback
+                if e.errno != errno.ENOSPC:
+                    raise
+                out.append({**row, "ready": False, "no_space": e.filename or cfg.output})
+                break
+            out.append(row)
         return out
 
     items = [{"units": json.dumps([vars(u) for u in group])} for group in group_units(units)]
@@ -357,27 +418,43 @@ def _run_units(cfg: PreprocessConfig, todo: list[ShardPlan], total: int, timing:
         )
     stop = threading.Event()
     t0 = time.monotonic()
+    suspect: list[tuple[str, int, str]] = []  # set by the reporter thread, which then interrupts us
 
     def report_loop() -> None:
         while not stop.wait(cfg.progress_every_s):
             ok, failed, reasons = ray.get(tracker.get.remote())
             _print_progress(ok + failed, failed, total, t0, reasons)
+            if not suspect and (found := ray.get(tracker.suspect.remote(cfg.config_check_rows))):
+                suspect.append(found)
+                _thread.interrupt_main()  # the main thread waits inside Ray Data's iterator
+                return
 
     reporter = threading.Thread(target=report_loop, daemon=True)
     reporter.start()
     try:
-        with quiet_actor_restart_warning():
-            for i, rec in enumerate(ds.iter_rows()):
-                if i == 0:
-                    timing["first_unit_s"] = time.monotonic() - t0
-                if "encoder" in rec:
-                    _check_encoder(cfg, str(rec["encoder"]))
-    finally:
-        stop.set()
-        reporter.join()
+        try:
+            with quiet_actor_restart_warning():
+                for i, rec in enumerate(ds.iter_rows()):
+                    if i == 0:
+                        timing["first_unit_s"] = time.monotonic() - t0
+                    if rec["no_space"]:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rec["no_space"]))
+                    if "encoder" in rec:
+                        _check_encoder(cfg, str(rec["encoder"]))
+                    if found := ray.get(tracker.suspect.remote(cfg.config_check_rows)):
+                        raise _suspect_error(cfg, found)
+        finally:
+            stop.set()
+            reporter.join()  # an interrupt the reporter sent arrives here at the latest
+    except KeyboardInterrupt:
+        if not suspect:
+            raise
+        raise _suspect_error(cfg, suspect[0]) from None
     timing["units"], timing["tasks"] = len(units), len(items)
     ok, failed, reasons = ray.get(tracker.get.remote())
     _print_progress(ok + failed, failed, total, t0, reasons)
+    if found := ray.get(tracker.suspect.remote(cfg.config_check_rows)):
+        raise _suspect_error(cfg, found)
 
 
 def _check_encoder(cfg: PreprocessConfig, identity: str) -> None:
@@ -428,9 +505,26 @@ def merge_index(cfg: PreprocessConfig, plans: list[ShardPlan]) -> tuple[int, Cou
     return ok, failures
 
 
+def duplicate_videoids(index: Path, examples: int = 10) -> dict[str, Any] | None:
+    """Videoids that more than one input row carries (all are kept: they are distinct rows, e.g. one
+    video under two captions), counted from ``index.parquet``; None when every videoid is unique."""
+    ids = pq.read_table(index, columns=["videoid"]).column("videoid").drop_null()
+    values, times = pc.value_counts(ids).flatten()  # a StructArray of (values, counts)
+    repeated = pc.greater(times, 1)
+    values, times = values.filter(repeated), times.filter(repeated)
+    if not len(values):
+        return None
+    return {
+        "videoids": len(values),
+        "rows": pc.sum(times).as_py(),
+        "examples": dict(zip(values[:examples].to_pylist(), times[:examples].to_pylist(), strict=True)),
+    }
+
+
 def _finish(cfg: PreprocessConfig, plans: list[ShardPlan], resumed: int, work_s: float) -> dict[str, Any]:
     out = Path(cfg.output)
     ok, failures = merge_index(cfg, plans)
+    duplicates = duplicate_videoids(out / INDEX_FILE)
     total = sum(p.rows for p in plans)
     (out / PLAN_FILE).unlink(missing_ok=True)
     staging = out / STAGING_DIR
@@ -442,6 +536,7 @@ def _finish(cfg: PreprocessConfig, plans: list[ShardPlan], resumed: int, work_s:
         "ok": ok,
         "failed": total - ok,
         "failures": dict(sorted(failures.items())),
+        "duplicate_videoids": duplicates,
         "shards": [p.name for p in list_shards(out)],
         "format": cfg.format,
         "resumed_rows": resumed,
@@ -462,5 +557,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     for reason, n in s["failures"].items():
         lines.append(f"  failed {reason}: {n}")
+    if d := s.get("duplicate_videoids"):
+        lines.append(
+            f"  note: {d['videoids']} videoids occur in more than one row ({d['rows']} rows, all kept)"
+        )
     lines.append("  per-row status: index.parquet; details: summary.json")
     return "\n".join(lines)

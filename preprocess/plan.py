@@ -81,6 +81,11 @@ def check_header(path: Path) -> None:
             header = reader.schema.names
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"annotations: cannot parse {str(path)!r}: {e}") from None
+    if twice := [c for c in WEBVID_COLUMNS if header.count(c) > 1]:
+        raise ConfigError(
+            f"annotations: {str(path)!r} has {', '.join(f'{header.count(c)} {c!r} columns' for c in twice)}; "
+            "which one holds the value is ambiguous: keep one"
+        )
     missing = [c for c in WEBVID_COLUMNS if c not in header]
     if missing:
         raise ConfigError(

@@ -105,7 +105,9 @@ def _checked_path(root: str, rel: str) -> dict[str, Any]:
     """``root/rel`` if it stays inside ``root`` and is a non-empty file (FIFOs etc. go to the decoder).
 
     Symlinks are resolved first: a link (to a file or a folder) leading outside ``root`` escapes it
-    just as ``..`` does."""
+    just as ``..`` does. A NUL byte (no file name holds one) fails the row, not the job."""
+    if "\0" in rel:
+        raise DecodeFailure("invalid_path", f"{rel!r} contains a NUL byte: no file has that name")
     root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root, rel))
     if not path.startswith(root + os.sep):
@@ -302,6 +304,7 @@ def process_rows(
                 index.append(index_row(row, "failed", result.reason, result.message))
                 pending["failed"] += 1
                 pending["reasons"][result.reason] = pending["reasons"].get(result.reason, 0) + 1
+                pending.setdefault("examples", {}).setdefault(result.reason, result.message)
             else:
                 writer.write(result)
                 index.append(index_row(row, "ok", shard=name, meta=result["meta"]))

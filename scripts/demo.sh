@@ -7,12 +7,21 @@
 #   accuracy per factor + two ablations -> stage 2 on the conversations -> chat -> HTML/PNG report.
 #
 # Each command is printed with its time; its output goes to DEMO/logs/NAME.log. The last screen is the
-# result. Usage: scripts/demo.sh [DEMO_DIR] (PYTHON=.venv/bin/python by default).
+# result, then the time of every step and the total. Usage: scripts/demo.sh [DEMO_DIR]
+# (PYTHON=.venv/bin/python by default).
+#
+# The two stand-ins (tiny LLM, tiny encoder) are kept in a content-keyed cache, STANDINS_CACHE
+# (default .cache/standins, never in git; STANDINS_CACHE= turns it off): a rerun with the same inputs,
+# stand-in code and library versions copies the folders instead of training them again (the same bytes:
+# their training is seeded). The key is the SHA-256 of the command, the standins/ and pipeline/ sources,
+# the versions of torch / transformers / tokenizers and, for the tiny LLM, its annotations.
 set -euo pipefail
 DEMO=${1:-demo_out}
 PY=${PYTHON:-.venv/bin/python}
+CACHE=${STANDINS_CACHE-.cache/standins}
 G=$DEMO/grounded
 T0=$(date +%s)
+TIMES=()
 
 step() {  # step NAME COMMAND...: run, log, print the time (or the log's tail on failure)
     local name=$1 s
@@ -24,13 +33,56 @@ step() {  # step NAME COMMAND...: run, log, print the time (or the log's tail on
         tail -20 "$DEMO/logs/$name.log"
         exit 1
     fi
+    TIMES+=("$name $(($(date +%s) - s))")
     printf '[demo] %-22s done in %d s\n' "$name" $(($(date +%s) - s))
 }
 
+standin_key() {  # standin_key COMMAND...: what a stand-in's output depends on, hashed
+    {
+        echo "$*" | sed "s|$PY|python|"
+        "$PY" -c "from importlib.metadata import version as v; print(v('torch'), v('transformers'), v('tokenizers'))"
+        find standins pipeline cli.py -name '*.py' -print0 | sort -z | xargs -0 sha256sum
+        for f in "$@"; do
+            if [ -d "$f" ]; then find "$f" -type f -print0 | sort -z | xargs -0 sha256sum; fi
+        done
+    } | sha256sum | cut -c1-16
+}
+
+standin() {  # standin NAME OUTPUT COMMAND...: the step, or its output copied from the cache
+    local name=$1 out=$2 key s
+    shift 2
+    if [ -z "$CACHE" ]; then step "$name" "$@"; return; fi
+    s=$(date +%s)
+    key=$(standin_key "$@")
+    if [ -f "$CACHE/$name-$key/.complete" ]; then
+        mkdir -p "$out" && cp -R "$CACHE/$name-$key/." "$out/" && rm -f "$out/.complete"
+        echo "reused $CACHE/$name-$key" >"$DEMO/logs/$name.log"
+        TIMES+=("$name $(($(date +%s) - s))")
+        printf '[demo] %-22s reused from %s (same inputs and code) in %d s\n' "$name" "$CACHE/$name-$key" \
+            $(($(date +%s) - s))
+        return
+    fi
+    step "$name" "$@"
+    mkdir -p "$CACHE" && rm -rf "$CACHE/$name-$key.tmp" && cp -R "$out" "$CACHE/$name-$key.tmp"
+    touch "$CACHE/$name-$key.tmp/.complete" && rm -rf "$CACHE/$name-$key" && mv "$CACHE/$name-$key.tmp" "$CACHE/$name-$key"
+}
+
 rm -rf "$DEMO" && mkdir -p "$DEMO/logs"
+# On a fresh clone DeepSpeed JIT-compiles its CPU comm op in the first training (25-70 s of C++). Build it
+# now in the background at low priority, so the idle moments of the steps before stage 1 (imports, Ray
+# start-up, waits on decoders) pay for it; stage 1 waits for it. A no-op once built (without even the
+# deepspeed import when the Makefile's TORCH_EXTENSIONS_DIR already holds it).
+BUILT=${TORCH_EXTENSIONS_DIR:-/nonexistent}/deepspeed_shm_comm/deepspeed_shm_comm.so
+[ -f "$BUILT" ] || nice -n 10 "$PY" -c "
+from pipeline.distributed import comm_op_build_pending
+if comm_op_build_pending():
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().create_op_builder('ShareMemCommBuilder').load()
+" >"$DEMO/logs/comm-op.log" 2>&1 &
+COMM_OP=$!
 step corpus $PY cli.py make-sample --grounded --faults --output "$G"
-step tiny-llm $PY cli.py tiny-llm --annotations "$G/train/annotations" --output "$DEMO/tiny_llm"
-step tiny-encoder $PY cli.py tiny-encoder --output "$DEMO/tiny_encoder"
+standin tiny-llm "$DEMO/tiny_llm" $PY cli.py tiny-llm --annotations "$G/train/annotations" --output "$DEMO/tiny_llm"
+standin tiny-encoder "$DEMO/tiny_encoder" $PY cli.py tiny-encoder --output "$DEMO/tiny_encoder"
 ENC="features.blip2_path=$DEMO/tiny_encoder"
 for split in train heldout; do
     step "preprocess-$split" $PY cli.py preprocess --annotations "$G/$split/annotations" --videos "$G/videos" \
@@ -39,9 +91,13 @@ done
 step preprocess-videochat $PY cli.py preprocess --dataset videochat --annotations "$G/train/videochat.json" \
     --videos "$G/videos" --output "$DEMO/videochat_shards" --samples-per-shard 64 --cache-features \
     --encoder tiny "$ENC"
+W=$(date +%s)
+wait "$COMM_OP" || echo "[demo] building DeepSpeed's comm op ahead failed ($DEMO/logs/comm-op.log): stage 1 builds it"
+[ $(($(date +%s) - W)) -gt 0 ] && TIMES+=("comm-op-wait $(($(date +%s) - W))")
 step stage1-train $PY cli.py train --config configs/stage1_tiny.yaml "data.shards=$DEMO/train_shards" \
     "run_dir=$DEMO/run" "model.llm_path=$DEMO/tiny_llm"
-step stage1-eval $PY cli.py grounded-eval "$DEMO/run" "$DEMO/heldout_shards" --output "$DEMO/eval"
+step stage1-eval $PY cli.py grounded-eval "$DEMO/run" "$DEMO/heldout_shards" --output "$DEMO/eval" \
+    --probe "$DEMO/train_shards"
 step stage2-train $PY cli.py train --config configs/stage2_tiny.yaml "init_from=$DEMO/run/export" \
     "run_dir=$DEMO/run_stage2" "model.llm_path=$DEMO/tiny_llm" "data.datasets=[{shards: $DEMO/videochat_shards}]"
 step stage2-eval $PY cli.py grounded-eval "$DEMO/run_stage2" "$DEMO/heldout_shards" --questions vicuna \
@@ -63,3 +119,7 @@ echo "chat about held-out clip $CLIP ($(echo "$ROW" | cut -d, -f5), a $(echo "$R
 paste -d' ' <(sed 's/^/  USER: /' "$DEMO/logs/questions.txt") <(grep '^ASSISTANT:' "$DEMO/logs/chat.log")
 grep '^report: ' "$DEMO/logs/report.log"
 echo "MLflow: mlflow ui --backend-store-uri sqlite:///$DEMO/run/mlflow.db"
+echo
+echo "time per step (s):"
+for t in "${TIMES[@]}"; do printf '  %-22s %5d\n' ${t% *} ${t##* }; done
+printf '  %-22s %5d\n' total $(($(date +%s) - T0))

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.model import FrozenEncoder, ModelConfig, clip_from_frames, frame_features, tiny
 from pipeline.weights import hf_blip2_name
 
@@ -61,6 +61,11 @@ class TinyEncoderConfig:
             raise ConfigError("tiny-encoder: steps and batch_size must be >= 1")
         if not 0 < self.min_size <= self.max_size < 0.5:
             raise ConfigError("tiny-encoder: need 0 < min_size <= max_size < 0.5")
+        if not 0 < self.lr < math.inf or not 0 <= self.regression_weight < math.inf:  # nan fails both
+            raise ConfigError(
+                f"tiny-encoder: lr must be a finite number > 0 and regression_weight >= 0 "
+                f"(got lr={self.lr}, regression_weight={self.regression_weight})"
+            )
 
 
 def random_scenes(
@@ -161,6 +166,7 @@ def save_blip2_folder(encoder: FrozenEncoder, out: Path) -> None:
 
 def run(cfg: TinyEncoderConfig) -> dict:
     cfg.validate()
+    check_writable(cfg.output)  # one line now, not an OSError after minutes of training
     mcfg = tiny()
     encoder, head, log = train_encoder(cfg, mcfg)
     out = Path(cfg.output)

@@ -39,9 +39,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pipeline import grounded
 from pipeline.captions import CaptionCleaning, clean_caption
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, check_writable
 from pipeline.model import tiny
-from pipeline.prompts import IGNORE_INDEX, LLAMA2_SYSTEM, frame_times_message, render_conversation
+from pipeline.prompts import (
+    IGNORE_INDEX,
+    LLAMA2_SYSTEM,
+    frame_times_message,
+    render_conversation,
+    visual_turn,
+)
 from pipeline.tiny import tiny_tokenizer
 
 PREFIX_SLOTS = 32  # the stage-1 prompt's video block: [BOS] + 32 video tokens, then the caption
@@ -67,6 +73,8 @@ class TinyLLMConfig:
             raise ConfigError("tiny-llm needs --annotations and --output")
         if self.steps < 1 or self.batch_size < 1 or not 0 < self.heldout_fraction < 1:
             raise ConfigError("tiny-llm: steps and batch_size >= 1, 0 < heldout_fraction < 1")
+        if not 0 < self.lr < math.inf:  # nan fails too
+            raise ConfigError(f"tiny-llm: lr must be a finite number > 0 (got {self.lr})")
 
 
 # ---- the corpus -------------------------------------------------------------------------------------
@@ -148,7 +156,7 @@ class SequenceBuilder:
         mark = "\x00"
         q, a = conversation_turns(row, rng, kind)[0]
         text, _ = render_conversation(
-            [(f"<Video>{mark}</Video> {frame_times_message(times)}{q}", a)], template
+            [(visual_turn(q, frame_times_message(times), num_video_tokens=1, placeholder=mark), a)], template
         )
         before, after = text.split(mark)
         head, tail = [self.bos, *self.ids(before)], self.ids(after)
@@ -171,7 +179,7 @@ class SequenceBuilder:
 def template_text() -> list[str]:
     """The fixed text of both stage-2 templates and the frame-times message, for the tokenizer."""
     turn = [
-        (f"<Video></Video> {frame_times_message([0.0, 1.2, 2.5])}{q}", "yes")
+        (visual_turn(q, frame_times_message([0.0, 1.2, 2.5]), num_video_tokens=0), "yes")
         for q in grounded.QUESTIONS.values()
     ]
     return [render_conversation(turn, t)[0] for t in ("vicuna", "llama2")] + [LLAMA2_SYSTEM]
@@ -294,6 +302,7 @@ def run(cfg: TinyLLMConfig) -> dict:
     """Train and write the LLM folder; returns the held-out report (also in ``tiny_llm.json``)."""
     cfg.validate()
     rows = read_captions(cfg.annotations)
+    check_writable(cfg.output)  # one line now, not an OSError after minutes of training
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(rows))
     n_held = max(1, round(cfg.heldout_fraction * len(rows))) if len(rows) > 1 else 0

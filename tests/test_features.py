@@ -109,6 +109,7 @@ def test_size_defaults_to_the_encoders_image_size(tmp_path):
     assert load_config(PreprocessConfig, values=inputs).size == 224
 
 
+@pytest.mark.slow
 def test_trainer_consumes_the_real_feature_cache(ray_local, frame_corpus, short_frames_run, tmp_path):
     """Shards from ``--cache-features`` train like the frame shards of the same clips (fp16 cache)."""
     # short_frames_run trained on the frame shards of frame_corpus (size 56, 2 per shard)
@@ -119,6 +120,7 @@ def test_trainer_consumes_the_real_feature_cache(ray_local, frame_corpus, short_
     assert sorted(c) == [1, 2, 3] and all(abs(c[s] - f[s]) < 5e-3 for s in c), (c, f)
 
 
+@pytest.mark.slow
 def test_one_worker_with_the_encoder_gets_a_cpu_of_its_own(corpus, tmp_path):
     """``--workers 1 --cache-features``: the encoder actor holds its CPU for the whole job, so a 1-CPU
     local cluster could never start a decoding task (the job hung, idle, in the real-size rehearsal).

@@ -13,6 +13,7 @@ from train.memory import train_flops_per_sample
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_at_the_tiny_preset_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)

@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 
 from pipeline import grounded
-from standins.sample_data import GroundedClip, grounded_frames, make_grounded_sample, plan_grounded
+from standins.sample_data import (
+    VARIANTS,
+    GroundedClip,
+    GroundedSettings,
+    grounded_frames,
+    make_grounded_sample,
+    plan_grounded,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_plan_holds_every_seen_triple_and_keeps_the_novel_ones_out_of_training():
-    plan = plan_grounded(6, 1, 3, seed=0, seconds=(5.0, 7.0))
+    plan = plan_grounded(GroundedSettings(), seed=0)
     train = [(c.colour, c.shape, c.direction) for c in plan["train"]]
     held = plan["heldout"]
     assert len(train) == 44 * 6 and len(held) == 44 + 4 * 3
@@ -25,8 +32,12 @@ def test_plan_holds_every_seen_triple_and_keeps_the_novel_ones_out_of_training()
     assert {t: train.count(t) for t in set(train)} == {
         t: 6 for t in grounded.combinations() if t not in grounded.NOVEL
     }
-    assert sorted({(c.colour, c.shape, c.direction) for c in held if c.combination == "novel"}) == sorted(
-        grounded.NOVEL
+    assert (
+        sorted({(c.colour, c.shape, c.direction) for c in held if c.combination == "novel"})
+        == sorted(
+            grounded.NOVEL[:4]  # the demo's shapes: the four triples of its vocabulary
+        )
+        == sorted(grounded.novel())
     )
     ids = [c.videoid for c in plan["train"] + held]
     assert len(set(ids)) == len(ids)
@@ -62,10 +73,10 @@ def test_read_factors_matches_whole_words():
 
 def test_make_sample_grounded_writes_both_splits_with_factors_and_faults(tmp_path):
     """Small clips (the layout, columns and faulty rows are what this checks; sizes are the default's)."""
-    paths = make_grounded_sample(
-        tmp_path, 1, heldout_per_combination=0, novel_per_combination=1, seconds=(1.0, 1.0),
-        width=96, height=64, fps=4, faults=True, workers=1,
-    )  # fmt: skip
+    small = GroundedSettings(
+        per_combination=1, heldout_per_combination=0, novel_per_combination=1, seconds=(1.0, 1.0)
+    )
+    paths = make_grounded_sample(tmp_path, small, width=96, height=64, fps=4, faults=True, workers=1)
     rows = {s: list(csv.DictReader((Path(paths[s]) / "0.csv").open())) for s in ("train", "heldout")}
     assert len(rows["train"]) == 44 + 3 and len(rows["heldout"]) == 4
     good = [r for r in rows["train"] if r["colour"]]
@@ -99,6 +110,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_tiny_llm_is_deterministic_and_loads_with_auto_classes(tmp_path):
     """(That it reads its context is asserted on the default steps in test_learning.py.)"""
     import torch
@@ -123,6 +135,7 @@ def test_tiny_llm_is_deterministic_and_loads_with_auto_classes(tmp_path):
     assert llm.config.hidden_size == 64  # the tiny preset's llm_hidden_size: model.llm_path=DIR fits it
 
 
+@pytest.mark.slow  # three CLI processes, each importing torch + transformers
 def test_tiny_llm_refuses_annotations_without_captions(tmp_path):
     (tmp_path / "nocap.csv").write_text("videoid,page_dir\n1,p\n")
     (tmp_path / "empty.csv").write_text("videoid,page_dir,name\n1,p,\n")
@@ -148,3 +161,146 @@ def test_scores_per_factor_seen_vs_novel_and_the_ablation_helpers():
     perm = grounded.derangement(50, seed=1)
     assert sorted(perm) == list(range(50)) and all(p != i for i, p in enumerate(perm))
     assert perm == grounded.derangement(50, seed=1)
+
+
+def test_a_factor_named_by_neither_side_is_not_a_match():
+    """Captions outside the grounded grammar used to score 100 % (None == None) and flipped() raised
+    KeyError: None; a prediction that names no factor is wrong."""
+    refs = ["a dog runs on the beach", grounded.caption("red", "square", "left")]
+    preds = ["a cat sleeps", ""]
+    assert grounded.accuracy(refs, preds) == {"colour": 0.0, "shape": 0.0, "direction": 0.0, "all": 0.0}
+    assert grounded.flipped(refs, preds) == 0.0
+    assert not grounded.is_grounded(refs[0]) and grounded.is_grounded(refs[1])
+    assert grounded.accuracy(refs[1:], ["the red square moves left"])["all"] == 1.0
+
+
+def _feature_shards(folder: Path, captions: list[str]) -> Path:
+    from pipeline.shards import ShardWriter, shard_name
+
+    folder.mkdir()
+    w = ShardWriter(folder / shard_name(0, "webdataset"), "webdataset")
+    rng = np.random.default_rng(0)
+    for i, text in enumerate(captions):
+        feats = rng.normal(size=(8, 32, 64)).astype(np.float16)  # the tiny preset's features
+        w.write({"key": f"{i:09d}", "caption": text, "meta": {"videoid": f"v{i}"}, "features": feats})
+    w.commit()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    import torch
+
+    from pipeline.model import VideoLLaMA, tiny
+    from pipeline.weights import export_trainable
+
+    torch.manual_seed(0)
+    return export_trainable(VideoLLaMA(tiny()), tiny(), tmp_path_factory.mktemp("grounded") / "export")
+
+
+def test_grounded_eval_refuses_ungrounded_shards_and_an_unwritable_output_before_any_work(
+    tiny_export, tmp_path
+):
+    from click.testing import CliRunner
+
+    import cli
+    from tests.conftest import unwritable_folder
+
+    webvid = _feature_shards(tmp_path / "webvid", ["a dog runs on the beach", "two people talk", "a red bus"])
+    r = CliRunner().invoke(cli.main, ["grounded-eval", str(tiny_export), str(webvid), "--no-ablations"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "3 of 3 references" in r.output and "are not grounded captions" in r.output
+    good = _feature_shards(tmp_path / "good", [grounded.caption(*t) for t in grounded.combinations()[:3]])
+    out = unwritable_folder(tmp_path) / "eval"
+    r = CliRunner().invoke(cli.main, ["grounded-eval", str(tiny_export), str(good), "--output", str(out)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: output: cannot write in {str(out)!r}")
+    r = CliRunner().invoke(
+        cli.main,
+        ["grounded-eval", str(tiny_export), str(good), "--output", str(tmp_path / "ok"), "--device", "cpu"],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ok" / "grounded_eval.json").is_file()
+
+
+def test_tiny_stand_ins_check_arguments_and_output_before_training(tmp_path):
+    """tiny-encoder / tiny-llm used to train for minutes and then fail writing (OSError), and lr=-1
+    ended in AdamW's traceback: each is one line now, before the first step (--steps 3 keeps the old
+    behaviour's cost small)."""
+    import time
+
+    from tests.conftest import unwritable_folder
+
+    (tmp_path / "a.csv").write_text("videoid,page_dir,name\n1,p,a red square moves left\n2,p,a cat\n")
+    out = unwritable_folder(tmp_path) / "tiny"
+    llm = ["tiny-llm", "--annotations", str(tmp_path / "a.csv"), "--steps", "3"]
+    cases = [
+        (["tiny-encoder", "--steps", "3", "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        ([*llm, "--output", str(out)], f"output: cannot write in {str(out)!r}"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=-1"], "lr must be a finite number > 0"),
+        (["tiny-encoder", "--output", str(tmp_path / "e"), "lr=nan"], "lr must be a finite number > 0"),
+        ([*llm, "--output", str(tmp_path / "l"), "lr=-1"], "lr must be a finite number > 0 (got -1.0)"),
+    ]
+    for args, says in cases:
+        t0 = time.monotonic()
+        r = _cli(*args)
+        assert r.returncode == 1 and r.stderr.startswith("Error: ") and says in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "e").exists() and not (tmp_path / "l").exists()
+
+
+def test_read_factors_reads_two_word_shapes():
+    assert grounded.read_factors("a green wide bar moves up") == {
+        "colour": "green",
+        "shape": "wide bar",
+        "direction": "up",
+    }
+    assert grounded.read_factors("a red bar moves left")["shape"] is None  # neither wide nor tall
+
+
+def _centres(frames, colour):
+    out = []
+    for f in frames:
+        ys, xs = np.nonzero((f == np.array(grounded.COLOURS[colour])).all(-1))
+        out.append((xs.mean(), ys.mean(), np.ptp(xs) + 1, np.ptp(ys) + 1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", ["wide bar", "tall bar"])
+def test_bars_have_their_aspect_and_speed_sets_the_travel(shape):
+    settings = GroundedSettings(shapes=("square", shape), size=(120, 120), bar_aspect=(3, 3), speed=(20, 20))
+    clip = GroundedClip("1", "p", "red", shape, "right", "seen", 6.0, seed=3)
+    frames = [f.copy() for f in grounded_frames(clip, 150, 596, 336, settings)(0, 150)]
+    (x0, _, w, h), (x1, *_) = _centres([frames[0], frames[-1]], "red")
+    assert (w, h) == ((120, 40) if shape == "wide bar" else (40, 120))
+    assert abs((x1 - x0) - 20 * 6.0) <= 1  # 20 px/s for 6 s
+
+
+def test_every_variant_is_valid_and_three_are_held_out():
+    roles = [role for role, _, _ in VARIANTS.values()]
+    assert roles.count("held-out") >= 3 and roles.count("development") >= 1
+    assert len({seed for *_, seed in VARIANTS.values()}) == len(VARIANTS)
+    for _, settings, seed in VARIANTS.values():
+        settings.validate()
+        plan = plan_grounded(settings, seed)
+        train = {(c.colour, c.shape, c.direction) for c in plan["train"]}
+        novel = {(c.colour, c.shape, c.direction) for c in plan["heldout"] if c.combination == "novel"}
+        assert {c.shape for c in plan["train"]} == set(settings.shapes) and not train & novel
+        assert novel == set(grounded.novel(settings.shapes))
+    independent = plan_grounded(VARIANTS["independent"][1], 0)  # issue 20's corpus: 6 + 1 per triple
+    assert len(independent["train"]) == 45 * 6 and {c.shape for c in independent["train"]} == {
+        "square",
+        "wide bar",
+        "tall bar",
+    }
+
+
+def test_bad_settings_are_refused_in_one_line():
+    for bad in (
+        GroundedSettings(shapes=("square", "hexagon")),
+        GroundedSettings(background="stripes"),
+        GroundedSettings(speed=(30, 10)),
+    ):
+        with pytest.raises(ValueError, match="shapes|background|speed"):
+            bad.validate()

@@ -11,17 +11,17 @@ import pytest
 
 from infer.grounded import answer_accuracy
 from pipeline import grounded
-from standins.sample_data import FAULTY_IDS, make_grounded_sample
+from standins.sample_data import FAULTY_IDS, GroundedSettings, make_grounded_sample
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Small clips (2 s, 8 fps, 96x64): the conversations and the accounting are what is checked here."""
     root = tmp_path_factory.mktemp("grounded_s2")
-    return make_grounded_sample(
-        root, 1, heldout_per_combination=0, novel_per_combination=1, seconds=(2.0, 2.0),
-        width=96, height=64, fps=8, faults=True, workers=1,
-    )  # fmt: skip
+    small = GroundedSettings(
+        per_combination=1, heldout_per_combination=0, novel_per_combination=1, seconds=(2.0, 2.0)
+    )
+    return make_grounded_sample(root, small, width=96, height=64, fps=8, faults=True, workers=1)
 
 
 def _rows(corpus, split: str) -> list[dict[str, str]]:
@@ -90,6 +90,7 @@ def test_answers_are_scored_by_the_factor_asked_for():
     assert answer_accuracy("colour", refs, ["reds", "", "greenish"]) == 0.0
 
 
+@pytest.mark.slow
 def test_questions_are_asked_as_chat_asks_them_and_scored_from_the_answers():
     """grounded-eval --questions: each answer is what a fresh chat about the clip answers (greedy), and
     the accuracies are the scoring of those answers (here a random tiny model: the mechanics, not learning)."""
@@ -98,9 +99,9 @@ def test_questions_are_asked_as_chat_asks_them_and_scored_from_the_answers():
 
     from infer.grounded import GroundedEvalConfig, evaluate_questions
     from infer.load import Loaded
-    from pipeline.generate import GenerationConfig, conversation_prompt, generate
+    from pipeline.generate import GenerationConfig, generate
     from pipeline.model import VideoLLaMA, tiny
-    from pipeline.prompts import frame_times_message, prepare_tokenizer
+    from pipeline.prompts import conversation_prompt, frame_times_message, prepare_tokenizer
     from pipeline.tiny import tiny_tokenizer
 
     torch.manual_seed(0)

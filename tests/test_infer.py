@@ -22,9 +22,9 @@ from infer.evaluate import EvaluateConfig
 from infer.evaluate import run as evaluate
 from infer.load import CheckpointError, ModelSource, locate
 from pipeline.evaluation import caption_metrics
-from pipeline.generate import GenerationConfig, caption_prompt, conversation_prompt, cut_at_stop, generate
+from pipeline.generate import GenerationConfig, cut_at_stop, generate
 from pipeline.model import VideoLLaMA, tiny
-from pipeline.prompts import prepare_tokenizer
+from pipeline.prompts import conversation_prompt, prepare_tokenizer, stage1_prompt
 from pipeline.rundir import EVAL
 from pipeline.shards import list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
@@ -73,7 +73,7 @@ def test_prompts_end_where_the_answer_starts():
     tok = tiny_tokenizer()
     prepare_tokenizer(tok)
     image = tok.convert_tokens_to_ids("<ImageHere>")
-    p = caption_prompt(tok, 32)
+    p = stage1_prompt(tok, 32)
     assert p.input_ids == [tok.bos_token_id] + [image] * 32 and p.video_positions == list(range(1, 33))
     v = conversation_prompt(tok, [("q1", "a1")], "q2", "vicuna", "The video contains 8 frames. ", 32)
     text = tok.decode(v.input_ids)
@@ -90,7 +90,7 @@ def test_left_padded_batch_generates_what_each_row_does_alone():
     tok = tiny_tokenizer()
     prepare_tokenizer(tok)
     feats = torch.randn(2, 8, 32, 64)
-    prompts = [caption_prompt(tok), conversation_prompt(tok, [], "what is it?", "vicuna", "", 32)]
+    prompts = [stage1_prompt(tok), conversation_prompt(tok, [], "what is it?", "vicuna", "", 32)]
     gen = GenerationConfig(do_sample=False, max_new_tokens=12, stop=[])
     both = generate(model, tok, feats, prompts, gen)
     alone = [generate(model, tok, feats[i : i + 1], prompts[i : i + 1], gen)[0] for i in range(2)]
@@ -134,6 +134,7 @@ def test_checkpoint_argument_resolves_to_the_newest_export(run_dir, tmp_path):
         locate(tmp_path)
 
 
+@pytest.mark.slow
 def test_greedy_caption_is_deterministic_and_equals_batch_captioning(data, run_dir, tmp_path):
     video = data["videos"] / "10002.mp4"
     args = ["caption", str(run_dir), str(video), "--greedy", "--max-new-tokens", "12"]
@@ -173,18 +174,23 @@ def test_caption_of_several_files_captions_the_readable_ones_and_names_the_bad(d
     gen = ["--greedy", "--max-new-tokens", "6"]
     alone = _cli("caption", str(run_dir), good_a, good_b, *gen)
     assert alone.exit_code == 0, alone.output
+    named = dict(line.split("\t") for line in alone.stdout.splitlines())  # VIDEO<TAB>caption
+    assert list(named) == [good_a, good_b] and all(named.values())
+    one = _cli("caption", str(run_dir), good_b, *gen)  # one video: the bare caption
+    assert one.stdout == named[good_b] + "\n"
     r = _cli("caption", str(run_dir), good_a, bad, str(folder), good_b, missing, *gen, "--json")
     assert r.exit_code == 1
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["video"] for row in rows] == [good_a, bad, str(folder), good_b, missing]
-    assert [row["caption"] for row in rows if "caption" in row] == alone.stdout.splitlines()
+    assert [row["caption"] for row in rows if "caption" in row] == list(named.values())
     assert [row.get("reason") for row in rows] == [None, "decode_error", "not_a_file", None, "missing_file"]
     errors = r.stderr.splitlines()
     assert len(errors) == 4 and "is a directory, not a video file" in errors[1]
     assert all(e.startswith("Error: ") for e in errors) and "3 of 5 videos" in errors[-1]
     assert all(path in r.stderr for path in (bad, str(folder), missing))
-    plain = _cli("caption", str(run_dir), good_a, str(folder), *gen)
-    assert plain.exit_code == 1 and plain.stdout.splitlines() == alone.stdout.splitlines()[:1]
+    plain = _cli("caption", str(run_dir), bad, good_b, str(folder), good_a, *gen)
+    assert plain.exit_code == 1  # the failed files are named on stderr; no caption moves to their line
+    assert plain.stdout.splitlines() == [f"{good_b}\t{named[good_b]}", f"{good_a}\t{named[good_a]}"]
 
 
 def test_chat_with_empty_stdin_says_so(data, run_dir):
@@ -193,6 +199,7 @@ def test_chat_with_empty_stdin_says_so(data, run_dir):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_batch_captioning_covers_every_row_once_and_resumes(data, run_dir, tmp_path, capfd):
     out = tmp_path / "captions.jsonl"
     cfg = BatchCaptionConfig(
@@ -251,6 +258,7 @@ def test_evaluate_matches_training_validation_and_logs_to_mlflow(data, run_dir, 
     assert client.get_run(got["mlflow_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_chat_answers_every_piped_question(data, run_dir):
     questions = "What is in the video?\nWhat colour is it?\n\nnot asked\n"
     cmd = [sys.executable, str(REPO / "cli.py"), "chat", str(run_dir), str(data["videos"] / "10001.mp4")]

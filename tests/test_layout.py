@@ -62,3 +62,40 @@ def test_core_holds_no_stand_in_or_single_stage_module():
     moved = ["tiny_llm", "tiny_encoder", "synthetic", "sample_data", "plan", "checkpoint"]
     assert [m for m in moved if (REPO / CORE / f"{m}.py").exists()] == []
     assert (REPO / "train" / "memory.py").exists() and (REPO / "train" / "checkpoint.py").exists()
+
+
+PROMPT_MARKS = ("<Video", "</Video", "<Image>", "</Image>", "<ImageHere>")
+
+
+def prompt_literals(source: str) -> list[str]:
+    """String constants (docstrings aside) that spell a piece of the visual block or the placeholder."""
+    tree = ast.parse(source)
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docs
+        and any(mark in node.value for mark in PROMPT_MARKS)
+    ]
+
+
+def test_one_module_owns_the_visual_block_and_the_placeholder():
+    """pipeline/prompts.py alone spells ``<Video>...</Video>`` and ``<ImageHere>``: training, inference and
+    the stand-in LLM build them with its functions (visual_block, visual_turn, image_token_id)."""
+    assert prompt_literals('"""<Video> doc"""\nx = "<Video>"\nf"<{tag}>"\n') == ["<Video>"]
+    found = []
+    for path in sorted(REPO.glob("*/**/*.py")) + sorted(REPO.glob("*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", ".venv") or rel == Path(CORE, "prompts.py"):
+            continue
+        found += [f"{rel}: {text!r}" for text in prompt_literals(path.read_text())]
+    assert found == []

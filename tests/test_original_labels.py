@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerFast
 
 from pipeline.prompts import (
     IGNORE_INDEX,
-    caption_prompt,
     caption_sample,
     conversation_sample,
+    instruction_prompt,
     prepare_tokenizer,
 )
 
@@ -250,12 +250,12 @@ def test_llama2_truncation_at_max_len(sp):
 # ---- cc_sbu_align captions in stage 2: prompt_wrap, not the conversation template --------------------
 
 
-def test_caption_prompt_text():
-    assert caption_prompt("vicuna", "image", "Describe.") == (
+def test_instruction_prompt_text():
+    assert instruction_prompt("vicuna", "image", "Describe.") == (
         "###Human: <Image><ImageHere></Image> Describe. ###Assistant: ",
         "###",
     )
-    assert caption_prompt("llama2", "image", "Describe.") == (
+    assert instruction_prompt("llama2", "image", "Describe.") == (
         "[INST] <<SYS>>\n \n<</SYS>>\n\n<Image><ImageHere></Image> Describe. [/INST] ",
         "</s>",
     )
@@ -264,7 +264,7 @@ def test_caption_prompt_text():
 def test_cc_sbu_vicuna_prompt_wrap(sp):
     """[BOS] + tok("###Human: <Image>") + video + tok("</Image> Describe. ###Assistant: ") +
     tok(caption + "###"), each tokenized on its own (so each gets its own dummy prefix)."""
-    prompt, end = caption_prompt("vicuna", "image", "Describe.")
+    prompt, end = instruction_prompt("vicuna", "image", "Describe.")
     got = caption_sample(sp, "a dog", num_video_tokens=N, max_caption_tokens=320, end=end, prompt=prompt)
     ids, labels = ids_labels(
         sp,
@@ -280,7 +280,7 @@ def test_cc_sbu_vicuna_prompt_wrap(sp):
 
 def test_cc_sbu_llama2_prompt_wrap(sp):
     """The prompt's trailing space is a token of its own; no space before "</s>"."""
-    prompt, end = caption_prompt("llama2", "image", "Describe.")
+    prompt, end = instruction_prompt("llama2", "image", "Describe.")
     got = caption_sample(sp, "a dog", num_video_tokens=N, max_caption_tokens=320, end=end, prompt=prompt)
     ids, labels = ids_labels(
         sp,
@@ -295,7 +295,7 @@ def test_cc_sbu_llama2_prompt_wrap(sp):
 
 def test_cc_sbu_caption_truncation(sp):
     """``max_length=max_txt_len`` cuts caption + end tokens; the end goes first."""
-    prompt, end = caption_prompt("vicuna", "image", "Describe.")
+    prompt, end = instruction_prompt("vicuna", "image", "Describe.")
     got = caption_sample(sp, "a dog", num_video_tokens=N, max_caption_tokens=5, end=end, prompt=prompt)
     assert [lab for lab in got.labels if lab != IGNORE_INDEX] == ids_labels(sp, [(t(" a do"), True)])[1]
 

@@ -151,3 +151,25 @@ def test_feature_cache_vision_layers_is_part_of_the_encoder_identity():
     assert full.encoder_fingerprint() != shallow.encoder_fingerprint()  # a trainer of another depth refuses
     with pytest.raises(ConfigError, match="features.vision_layers must be >= 1"):
         FeatureCacheConfig(vision_layers=0).model_config()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["model.llm_layers=-32"], "model: sizes must be >= 1: llm_layers=-32"),
+        (["model.llm_hidden_size=0"], "model: sizes must be >= 1: llm_hidden_size=0"),
+        (["model.video_qformer_ffn=-1", "model.max_frames=0"], "video_qformer_ffn=-1, max_frames=0"),
+        (["model.dropout=nan"], "model.dropout must be in [0, 1)"),
+        (["--gpu-memory", "nan"], "--gpu-memory a finite number of GB > 0 (got 8, nan)"),
+        (["--gpu-memory", "inf"], "--gpu-memory a finite number of GB > 0 (got 8, inf)"),
+        (["--gpu-memory", "-1"], "--gpu-memory a finite number of GB > 0"),
+    ],
+)
+def test_plan_refuses_impossible_sizes_in_one_line(args, says):
+    """Negative sizes used to print negative GB that "fit"; nan/inf GPU memory ended in a traceback."""
+    import cli
+
+    r = CliRunner().invoke(cli.main, ["plan", "--config", "configs/stage1_vit-g_7b.yaml", *args])
+    assert r.exit_code == 1 and r.exception is not None and isinstance(r.exception, SystemExit), r.output
+    assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output and "fits" not in r.output

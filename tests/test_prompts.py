@@ -18,7 +18,11 @@ from pipeline.prompts import (
     collate,
     conversation_sample,
     frame_times_message,
+    image_token_id,
     prepare_tokenizer,
+    stage1_prompt,
+    visual_block,
+    visual_turn,
 )
 from pipeline.tiny import tiny_tokenizer
 
@@ -199,3 +203,23 @@ def test_collate_pads_right(char_tok):
     assert batch["video_mask"].sum(1).tolist() == [32, 32]
     assert torch.equal(batch["video_mask"][1].nonzero().squeeze(1), torch.tensor(b.video_positions))
     assert batch["labels"][1].tolist() == b.labels
+
+
+def test_visual_block_and_checked_placeholder_id(char_tok):
+    """The one place the visual block and the placeholder id are made; an unprepared tokenizer is
+    refused (its <ImageHere> would be <unk>, and the video would overwrite every unknown word)."""
+    assert visual_block("video", 2) == "<Video><ImageHere><ImageHere></Video>"
+    assert visual_block("image", 0) == "<Image></Image>"
+    assert visual_turn("Q?", "M. ", num_video_tokens=1, placeholder="#") == "<Video>#</Video> M. Q?"
+    image_id = image_token_id(char_tok)
+    assert image_id == char_tok.convert_tokens_to_ids(IMAGE_PATCH_TOKEN) and image_id != char_tok.unk_token_id
+    p = stage1_prompt(char_tok, 3)
+    assert (p.input_ids, p.video_positions) == (
+        [char_tok.bos_token_id, image_id, image_id, image_id],
+        [1, 2, 3],
+    )
+    raw = tiny_tokenizer()
+    with pytest.raises(ValueError, match="prepare_tokenizer"):
+        image_token_id(raw)
+    with pytest.raises(ValueError, match="prepare_tokenizer"):
+        stage1_prompt(raw, 3)

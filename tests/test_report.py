@@ -161,3 +161,38 @@ def test_png_keeps_wide_tables_readable():
     assert big.width >= 200 + 7 * (header + 14)  # every column as wide as its header
     top = np.asarray(big.convert("L"))[: 20 * 3 + 20, big.width - curve.width :]
     assert (top < 128).any()  # the last columns' text is there, not covered by the curve
+
+
+@pytest.mark.parametrize(
+    "name, content, flag, says",
+    [
+        ("empty.json", {"held-out accuracy": {}}, "--accuracy", "table 'held-out accuracy' of"),
+        ("null.json", {"t": {"r": {"colour": None}}}, "--accuracy", "column 'colour' is null, not a number"),
+        ("list.jsonl", '{"key": "000000000", "caption": "a"}\n["000000001", "b"]\n', "--captions", "line 2"),
+        ("latin1.jsonl", '{"key": "000000000", "caption": "caf\xe9"}\n', "--captions", "is not UTF-8 text"),
+        ("latin1.json", '{"t": {"caf\xe9": {"c": 0.5}}}', "--accuracy", "is not UTF-8 text (byte 11)"),
+    ],
+)
+def test_report_refuses_bad_inputs_in_one_line_before_writing(inputs, tmp_path, name, content, flag, says):
+    """Each used to end in a traceback, some after report.html was written."""
+    path = tmp_path / name
+    if isinstance(content, dict):
+        path.write_text(json.dumps(content))
+    else:
+        path.write_bytes(content.encode("latin-1"))
+    args = ["report", str(inputs["run"]), str(inputs["shards"]), "--captions", str(inputs["captions"])]
+    r = CliRunner().invoke(cli.main, [*args, flag, str(path), "--no-track"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output and str(path) in r.output
+    assert not (inputs["run"] / "report").exists()
+
+
+def test_report_refuses_a_metrics_file_it_cannot_read(inputs):
+    metrics = inputs["run"] / "metrics.jsonl"
+    for text, says in (('{"step": 1, "loss": null}\n', "not a number"), ("[1, 2]\n", "JSON list")):
+        metrics.write_text(text)
+        args = ["report", str(inputs["run"]), str(inputs["shards"]), "--captions", str(inputs["captions"])]
+        r = CliRunner().invoke(cli.main, [*args, "--no-track"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and says in r.output, r.output
+        assert not (inputs["run"] / "report").exists()

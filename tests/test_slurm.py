@@ -40,6 +40,7 @@ def _cluster_nodes() -> int:
 
 pytestmark = [
     pytest.mark.slurm,
+    pytest.mark.slow,  # make test-all (CI) only: real sbatch jobs over 2 nodes
     pytest.mark.skipif(
         _cluster_nodes() < NODES,
         reason=f"needs a Slurm cluster with {NODES} idle nodes (sbatch on PATH; CI: ../shared/slurm-local/up.sh)",
@@ -174,6 +175,11 @@ def test_train_requeue_resumes_from_checkpoint(train_job):
     assert "SIGUSR1: asking the training processes to checkpoint and stop" in log
     assert f"requeueing job {train_job['job']}; it resumes from {run_dir}/checkpoints/step_{step:08d}" in log
     assert "attempt 2:" in log
+    # Each attempt its own rendezvous port, and no agent dies of a store its peer took down (issue: a
+    # requeued attempt that met its predecessor's port, and c10d's store host leaving first, exit 1).
+    ports = re.findall(r"attempt \d+: .* rendezvous (\S+), run_dir", log)
+    assert len(ports) == 2 and ports[0] != ports[1], ports
+    assert "RendezvousConnectionError" not in log and "RendezvousClosedError" not in log
     assert f"[train] resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in log
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert f"MLflow run {run_id} (resuming)" in log

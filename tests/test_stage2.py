@@ -329,6 +329,7 @@ def test_mixing_images_and_videos(instruct, char_tok):
 # ---- stage 1 -> stage 2 -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stage2_starts_from_the_stage1_export(instruct, tmp_path):
     stage1 = tmp_path / "stage1"
     run_train(

@@ -202,13 +202,27 @@ def test_mismatched_shards_are_refused(shards, tmp_path):
 # ---- training runs -----------------------------------------------------------------------------
 
 
-def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp_path):
+# One 40-step run with checkpoints and MLflow, trained once for the checks that only read it (they copy
+# it before changing anything).
+TRAINED_STEPS = 40
+TRAINED_ARGS = ("save_every=10", "optim.init_lr=5e-3")
+
+
+@pytest.fixture(scope="module")
+def trained_run(shards, tmp_path_factory) -> tuple[Path, str]:
+    """(run folder, the launcher's stdout) of ``TRAINED_STEPS`` single-process steps on ``shards``."""
+    run_dir = tmp_path_factory.mktemp("trained_run") / "run"
+    p = run_train(
+        1, f"data.shards={shards}", f"run_dir={run_dir}", *TRAINED_ARGS, f"max_steps={TRAINED_STEPS}"
+    )
+    return run_dir, p.stdout
+
+
+def test_single_process_memorises_checkpoints_and_logs_to_mlflow(trained_run):
     from mlflow.tracking import MlflowClient
 
-    run_dir = tmp_path / "run"
-    args = [f"data.shards={shards}", f"run_dir={run_dir}", "save_every=10", "optim.init_lr=5e-3"]
-    p = run_train(1, *args, "max_steps=40")
-    assert p.stdout.startswith("[train] starting 1 process(es): importing torch + DeepSpeed")
+    run_dir, stdout = trained_run
+    assert stdout.startswith("[train] starting 1 process(es): importing torch + DeepSpeed")
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, 41))
     first, last = np.mean([loss[s] for s in range(1, 5)]), np.mean([loss[s] for s in range(36, 41)])
@@ -241,10 +255,21 @@ def test_single_process_memorises_checkpoints_and_resumes_mlflow_run(shards, tmp
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [loss[s] for s in range(1, 41)]
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "export"}
 
-    # the same command with more steps continues the run and the MLflow run
-    run_train(1, *args, "max_steps=45")
+
+def test_more_steps_continue_the_run_and_its_mlflow_run(shards, trained_run, tmp_path):
+    """The same command with more steps continues the run and the MLflow run (on a copy of the shared
+    run folder, which resumes into itself)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    run_train(1, f"data.shards={shards}", f"run_dir={run_dir}", *TRAINED_ARGS, "max_steps=45")
     assert sorted(losses(run_dir)) == list(range(1, 46))
     assert (run_dir / "mlflow_run_id").read_text() == run_id
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     assert len(client.get_metric_history(run_id, "loss")) == 45
     assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -282,6 +307,7 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
     assert diff <= 1e-6, (killed_at, diff)
 
 
+@pytest.mark.slow
 def test_cached_features_from_arrow_shards_train_like_frames(shards, short_frames_run, tmp_path):
     feats = write_feature_shards(shards, tmp_path / "feats")
     common = SHORT_RUN  # as short_frames_run, which trained on the frames of these shards
@@ -354,6 +380,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     """Killed while saving step 6: the rerun logs each step to MLflow once; a rerun with other settings is
     refused naming them; a copied run folder resumes into itself, never into the original."""
@@ -408,6 +435,7 @@ def test_crash_resume_copy_and_rerun_with_other_settings(shards, tmp_path):
     assert loss == losses(copy)
 
 
+@pytest.mark.slow
 def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     import shutil
 
@@ -426,15 +454,15 @@ def test_corrupt_shard_warns_and_stops_above_the_error_rate(shards, tmp_path):
     assert rows[-1]["step"] == 4 and rows[-1]["data_errors"] == 2
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
+@pytest.mark.slow  # three more training processes on copies of the shared run
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, trained_run, tmp_path):
     """Truncated optimizer state / train-state JSON, missing model states, a flipped byte inside a tensor
     (which torch.load reads silently): the previous intact checkpoint is used with a warning (same losses as the run that never broke); none intact: one line naming it."""
     import shutil
 
-    args = [f"data.shards={shards}", "max_steps=4", "save_every=2", "tracking=false", "data.workers=1"]
-    ref = tmp_path / "ref"
-    run_train(1, *args, f"run_dir={ref}")
-    step2, step4 = (ref / "checkpoints" / f"step_0000000{s}" for s in (2, 4))
+    args = [f"data.shards={shards}", *TRAINED_ARGS, f"max_steps={TRAINED_STEPS}"]
+    ref = trained_run[0]  # checkpoints at steps 30 and 40 (keep_last 2); copied before any change
+    step2, step4 = (ref / "checkpoints" / f"step_000000{s}" for s in (30, 40))
     assert checkpoint.problems(step4) == []
 
     def damaged(name: str, change) -> Path:
@@ -475,11 +503,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
     assert (state / "checkpoints" / f"broken_{step4.name}").is_dir()
     assert checkpoint.resume_point(bits, rank=0).name == step2.name
 
-    (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 3-4 from the step-2 checkpoint
+    (optim / "metrics.jsonl").write_text("")  # the rerun rewrites steps 31-40 from the step-30 checkpoint
     p = run_train(1, *args, f"run_dir={optim}")
     assert f"warning: checkpoint {step4.name} is damaged" in p.stdout
     assert f"resumed from {optim / 'checkpoints' / step2.name}" in p.stdout
-    assert losses(optim) == {s: v for s, v in losses(ref).items() if s > 2}
+    assert losses(optim) == {s: v for s, v in losses(ref).items() if s > 30}
 
     cut(model / "checkpoints" / step2.name / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     p = run_train(1, *args, f"run_dir={model}", check=False)
@@ -524,3 +552,22 @@ def test_training_adopts_the_encoder_its_feature_cache_was_made_with(tmp_path):
     assert adopt_cached_encoder(tiny(), [a, other]).blip2_path is None
     assert adopt_cached_encoder(tiny(), [random]).blip2_path is None
     assert adopt_cached_encoder(tiny(), [str(tmp_path / "no_config")]).blip2_path is None
+
+
+def test_shard_config_reader_is_typed(tmp_path):
+    """A shard folder's _config.json through one reader: typed fields, None without the file, a clear
+    error for a broken one."""
+    from pipeline.config import ConfigError
+    from pipeline.shards import CONFIG_FILE, read_shard_config
+
+    assert read_shard_config(tmp_path) is None
+    cfg = {"num_frames": 4, "size": 32, "features": {"enabled": True, "blip2_path": "/enc"}}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"fingerprint": "abc", "config": cfg}))
+    written = read_shard_config(tmp_path)
+    assert (written.fingerprint, written.num_frames, written.size) == ("abc", 4, 32)
+    assert written.features == {"enabled": True, "blip2_path": "/enc"} and written.config == cfg
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"config": {"features": None}}))
+    assert read_shard_config(tmp_path).features == {} and read_shard_config(tmp_path).num_frames is None
+    (tmp_path / CONFIG_FILE).write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_shard_config(tmp_path)

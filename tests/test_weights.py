@@ -324,6 +324,7 @@ def test_encoder_without_weights_or_with_holes_is_an_error(tmp_path):
         load_frozen_encoder(VideoLLaMA(cfg))
 
 
+@pytest.mark.slow  # several CLI processes, each importing torch
 def test_convert_cli(released_7b, tmp_path):
     import subprocess
     import sys
@@ -452,3 +453,84 @@ def test_hostile_or_garbage_pth_is_one_line_and_never_advises_unsafe_loading(tmp
         with pytest.raises(WeightsError, match=says):
             import_videollama_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_pth(tmp_path_factory):
+    """A tiny model's export and the .pth converted from it (which carries its ModelConfig)."""
+    root = tmp_path_factory.mktemp("tiny_convert")
+    torch.manual_seed(0)
+    export_trainable(VideoLLaMA(tiny()), tiny(), root / "export")
+    assert _convert_cli(root / "export", root / "tiny.pth").returncode == 0
+    return root / "export", root / "tiny.pth"
+
+
+def _altered_pth(src, dst, change):
+    ckpt = torch_load(src)
+    change(ckpt["model"])
+    torch.save(ckpt, dst)
+    return dst
+
+
+def _set(key, value):
+    return lambda sd: sd.__setitem__(key, value(sd[key]))
+
+
+def _nan(t):
+    t = t.clone()
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (_set("llama_proj.bias", _nan), "1 tensor(s) hold NaN or inf: llama_proj.bias"),
+        (
+            _set("video_query_tokens", lambda t: t.index_fill(1, torch.tensor([0]), float("inf"))),
+            "NaN or inf",
+        ),
+        (_set("llama_proj.weight", lambda t: t.to(torch.int32)), "llama_proj.weight (int32)"),
+        (_set("llama_proj.weight", lambda t: t > 0), "llama_proj.weight (bool)"),
+        (_set("llama_proj.weight", lambda t: t.half()), "llama_proj.weight (float16); --cast-float32"),
+        (lambda sd: sd.pop("llama_proj.bias"), "lacks 1 trainable tensor(s): llama_proj.bias"),
+        (lambda sd: sd.update(audio_query_tokens=torch.ones(4)), "1 tensor(s) that are not trainable"),
+    ],
+    ids=["nan", "inf", "int32", "bool", "fp16", "missing", "extra"],
+)
+def test_convert_refuses_what_a_run_cannot_start_from_in_one_line(tiny_pth, tmp_path, change, says):
+    """NaN/inf, integer/bool/fp16 tensors, a missing and an extra tensor: each one line, nothing written
+    (all used to convert with exit status 0)."""
+    bad = _altered_pth(tiny_pth[1], tmp_path / "bad.pth", change)
+    r = _convert_cli(bad, tmp_path / "out")
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and err.startswith(f"Error: {bad}"), err
+    assert says in err and not (tmp_path / "out").exists()
+
+
+def test_convert_casts_fp16_only_when_asked_and_refuses_a_bad_export(tiny_pth, tmp_path):
+    export, pth = tiny_pth
+    half = _altered_pth(pth, tmp_path / "half.pth", _set("llama_proj.weight", lambda t: t.half()))
+    r = _convert_cli(half, tmp_path / "cast", "--cast-float32")
+    assert r.returncode == 0, r.stderr
+    sd, _ = load_trainable(tmp_path / "cast")
+    want = torch_load(half)["model"]["llama_proj.weight"].float()
+    assert sd["llama_proj.weight"].dtype == torch.float32 and torch.equal(sd["llama_proj.weight"], want)
+    # an export with a NaN, or cut short, is refused in the other direction too
+    nan_export = tmp_path / "nan_export"
+    nan_export.mkdir()
+    (nan_export / "model.yaml").write_bytes((export / "model.yaml").read_bytes())
+    tensors, _ = load_trainable(export)
+    save_file(
+        {**tensors, "llama_proj.bias": _nan(tensors["llama_proj.bias"])}, nan_export / "trainable.safetensors"
+    )
+    cut = tmp_path / "cut_export"
+    cut.mkdir()
+    (cut / "model.yaml").write_bytes((export / "model.yaml").read_bytes())
+    data = (export / "trainable.safetensors").read_bytes()
+    (cut / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    for src, says in ((nan_export, "hold NaN or inf: llama_proj.bias"), (cut, "not a readable safetensors")):
+        r = _convert_cli(src, tmp_path / f"{src.name}.pth")
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and says in err, err
+        assert "Traceback" not in r.output and not (tmp_path / f"{src.name}.pth").exists()

@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, out_of_space
 from pipeline.distributed import barrier
-from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, checkpoint_tag, train_state_file
+from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, TRAINABLE_WEIGHTS, checkpoint_tag, train_state_file
 from pipeline.shards import write_json
+from pipeline.weights import nonfinite_tensors, sha256_file
 
 
 @dataclass
@@ -48,7 +49,8 @@ class TrainState:
     samples_seen: int = 0  # all ranks
     cursors: list[dict[str, Any]] = field(default_factory=list)  # per loader worker of this rank (train.data)
     world_size: int = 1  # resuming needs the same number of processes (cursors, ZeRO partitions)
-    skipped: dict[str, int] = field(default_factory=lambda: {"errors": 0, "too_long": 0})  # all ranks
+    # all ranks: unusable samples, conversations too long, steps with a non-finite loss or gradient
+    skipped: dict[str, int] = field(default_factory=lambda: {"errors": 0, "too_long": 0, "nonfinite": 0})
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,14 +113,7 @@ def _torch_file_problem(path: Path) -> str | None:
 def file_digests(path: Path) -> dict[str, list]:
     """``{relative path: [bytes, sha256]}`` of every file in a checkpoint folder but ``COMPLETE``."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != COMPLETE)
-    return {f.relative_to(path).as_posix(): [f.stat().st_size, _sha256(f)] for f in files}
-
-
-def _sha256(f: Path) -> str:
-    import hashlib
-
-    with open(f, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    return {f.relative_to(path).as_posix(): [f.stat().st_size, sha256_file(f)] for f in files}
 
 
 def _changed_files(path: Path, skip: set[str]) -> list[str]:
@@ -136,7 +131,7 @@ def _changed_files(path: Path, skip: set[str]) -> list[str]:
             continue
         if not f.is_file():
             found.append(f"{f} is missing ({COMPLETE} lists it)")
-        elif f.stat().st_size != size or _sha256(f) != digest:
+        elif f.stat().st_size != size or sha256_file(f) != digest:
             found.append(
                 f"{f} does not hold the bytes it was saved with (its SHA-256 differs from {COMPLETE}'s)"
             )
@@ -170,7 +165,21 @@ def problems(path: str | Path) -> list[str]:
             if msg := _torch_file_problem(f):
                 found.append(msg)
                 reported.add(f.relative_to(path).as_posix())
-    return found + _changed_files(path, reported)
+    return found + _changed_files(path, reported) + _nonfinite_weights(path)
+
+
+def _nonfinite_weights(path: Path) -> list[str]:
+    """A checkpoint of a diverged run (saved before non-finite steps were stopped) is not resumed from:
+    its trainable weights, as its export holds them, must all be finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    export = path / EXPORT / TRAINABLE_WEIGHTS
+    try:
+        bad = nonfinite_tensors(load_file(export)) if export.is_file() else []
+    except (OSError, SafetensorError):
+        return []  # an unreadable export does not stop a resume, which never reads it
+    return [f"{export} holds non-finite weights (NaN or inf in {', '.join(bad[:3])})"] if bad else []
 
 
 def resume_point(run_dir: str | Path, rank: int) -> Path | None:
@@ -211,7 +220,18 @@ def resume_point(run_dir: str | Path, rank: int) -> Path | None:
 def save(
     engine, run_dir: str | Path, state: TrainState, rank: int, export_fn=None, keep_last: int = 2
 ) -> Path:
-    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``."""
+    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``.
+    A full disk is one line naming the folder (torch.save says only ``unexpected pos``); the partial
+    checkpoint has no COMPLETE marker, so a resume ignores it."""
+    try:
+        return _save(engine, run_dir, state, rank, export_fn, keep_last)
+    except (OSError, RuntimeError) as e:
+        if (full := out_of_space(e, Path(run_dir) / CHECKPOINTS / checkpoint_tag(state.step))) is not None:
+            raise full from None
+        raise
+
+
+def _save(engine, run_dir: str | Path, state: TrainState, rank: int, export_fn, keep_last: int) -> Path:
     step = state.step
     root = Path(run_dir) / CHECKPOINTS
     path = root / checkpoint_tag(step)

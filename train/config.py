@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.evaluation import EvalSettings
 from pipeline.model import PRESETS, ModelConfig, preset
 from pipeline.rundir import CONFIG
 from pipeline.tracking import flatten
@@ -32,6 +33,7 @@ RESUMABLE_KEYS = (
     "log_every",
     "run_name",
     "data.prefetch",
+    "optim.skip_nonfinite",  # a run stopped at a non-finite step is rerun with a skip budget
     "eval.",  # validation only reads the model
 )
 
@@ -70,6 +72,9 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
     prefetch: int = 2
     seed: int | None = None  # shard order; default: the run seed
+    # the output of a preprocess job that did not finish (_plan.arrow, _staging/, no summary.json) is
+    # refused; true trains on the shards it has, with a warning
+    allow_unfinished: bool = False
 
     def specs(self) -> list[DatasetSpec]:
         """The datasets to mix, each with its frame count resolved."""
@@ -89,19 +94,18 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (the original clips nothing)
+    # steps with a non-finite loss or gradient norm skipped (update not applied, logged) before the run
+    # stops; 0: stop at the first one. Either way no checkpoint holds a non-finite step.
+    skip_nonfinite: int = 0
 
 
 @dataclass
-class EvalConfig:
-    """Validation during training (train.validation): held-out caption loss/perplexity every ``every`` steps."""
+class EvalConfig(EvalSettings):
+    """Validation during training (train.validation): the held-out caption loss/perplexity of
+    ``shards`` (None: no validation) every ``every`` steps, scored as ``cli.py evaluate`` scores it."""
 
-    shards: str | None = None  # a held-out shard set; None: no validation
     every: int = 500  # optimizer steps (and at the last step)
-    max_samples: int | None = None  # the first N clips of the shard set
-    batch_size: int = 8
-    max_caption_tokens: int = 32
-    metrics: bool = False  # also greedy captions scored with exact match / BLEU / chrF / CIDEr (slower)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # greedy captions' length with ``metrics``
 
 
 @dataclass
@@ -177,6 +181,8 @@ class TrainConfig:
             raise ConfigError("optim: learning rates must be >= 0 (init_lr > 0) and warmup_steps >= 0")
         if o.grad_clip < 0:
             raise ConfigError("optim.grad_clip: must be >= 0 (0: no clipping)")
+        if o.skip_nonfinite < 0:
+            raise ConfigError("optim.skip_nonfinite: must be >= 0 (0: stop at the first non-finite step)")
 
     @classmethod
     def fill_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +193,24 @@ class TrainConfig:
         if not isinstance(model, dict):
             return data  # a ModelConfig already, or a wrong type that the type check names
         return {**data, "model": {**dataclasses.asdict(preset(name)), **model}}
+
+
+def missing_paths(cfg: TrainConfig) -> list[str]:
+    """The files and folders ``cfg`` names that do not exist (``train --dry-run``): one line each."""
+    named: dict[str, str | None] = {
+        "model.llm_path": cfg.model.llm_path,
+        **{f"model.{k}": v for k, v in cfg.model.weight_paths().items()},
+        "tokenizer": cfg.tokenizer,
+        "init_from": cfg.init_from,
+        "eval.shards": cfg.eval.shards,
+    }
+    if cfg.data.shards:
+        named["data.shards"] = cfg.data.shards
+    named.update({f"data.datasets[{i}].shards": s.shards for i, s in enumerate(cfg.data.datasets)})
+    zero = Path(cfg.zero_config)  # as train.engine finds it: as given, else in the repository
+    if not zero.is_file() and not (Path(__file__).resolve().parents[1] / zero).is_file():
+        named["zero_config"] = cfg.zero_config
+    return [f"{k}: {v!r} does not exist" for k, v in named.items() if v and not Path(v).exists()]
 
 
 def _resumable(key: str) -> bool:

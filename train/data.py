@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,13 +49,20 @@ from pipeline.config import ConfigError
 from pipeline.model import ModelConfig
 from pipeline.prompts import (
     TextSample,
-    caption_prompt,
     caption_sample,
     collate,
     conversation_sample,
     frame_times_message,
+    instruction_prompt,
 )
-from pipeline.shards import CONFIG_FILE, INDEX_FILE, SAMPLE_NDIM, inspect_shards, list_shards, read_shard
+from pipeline.shards import (
+    INDEX_FILE,
+    SAMPLE_NDIM,
+    inspect_shards,
+    list_shards,
+    read_shard,
+    read_shard_config,
+)
 
 # Questions for caption-only samples in conversation training (the wording of the original's
 # prompts/alignment_image.txt, which MiniGPT-4 also used for cc_sbu_align; videos: the same, of a video).
@@ -111,10 +117,8 @@ def adopt_cached_encoder(mcfg: ModelConfig, folders: list[str]) -> ModelConfig:
     keys = list(mcfg.weight_paths())
     found = set()
     for folder in folders:
-        path = Path(folder) / CONFIG_FILE
-        features = (
-            json.loads(path.read_text()).get("config", {}).get("features", {}) if path.is_file() else {}
-        )
+        written = read_shard_config(folder)
+        features = written.features if written else {}
         if features.get("enabled"):
             found.add(tuple(features.get(k) for k in keys))
     if len(found) != 1 or not any(paths := found.pop()):
@@ -255,7 +259,7 @@ class TrainStream(IterableDataset):
             return "error"
         pool = CAPTION_INSTRUCTIONS[modality]
         instruction = pool[int(np.random.default_rng([self.seed, 3, slot, batch, row]).integers(len(pool)))]
-        prompt, end = caption_prompt(self.template, modality, instruction)
+        prompt, end = instruction_prompt(self.template, modality, instruction)
         return caption_sample(
             self.tokenizer,
             caption,

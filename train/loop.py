@@ -26,6 +26,7 @@ micro-batch's forward) and the engine are in train.engine.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ import torch
 from pipeline import distributed
 from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
+from pipeline.folderlock import folder_lock
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
-from pipeline.rundir import CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
-from pipeline.shards import inspect_shards
-from pipeline.tracking import git_commit, make_tracker
+from pipeline.rundir import COMPLETE, CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
+from pipeline.shards import inspect_shards, unfinished_output, write_json
+from pipeline.tracking import check_server, git_commit, make_tracker, resolve_uri
 from train import checkpoint
 from train.checkpoint import TrainState
 from train.config import TrainConfig, check_rerun
@@ -67,15 +69,30 @@ Datasets = list[tuple[list[tuple[str, int]], float]]  # per dataset: ([(shard, s
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Set up (data, process group, model, engine, resume), train to ``max_steps``, finish."""
-    check_rerun(cfg, cfg.run_dir)  # before anything else: a rerun with other settings is refused
+    """Set up (data, process group, model, engine, resume), train to ``max_steps``, finish.
+
+    Rank 0 holds the run folder's lock throughout (pipeline.folderlock): a second job on the same
+    ``run_dir`` is refused in one line naming the holder."""
     check_writable(cfg.run_dir, "run_dir")  # one line now, not a traceback at the first checkpoint
+    rank = distributed.launcher_env()[0]
+    if rank != 0:
+        return _train(cfg)
+    with folder_lock(cfg.run_dir, "run_dir", "train"):
+        if cfg.tracking:  # seconds, not minutes of retries followed by a traceback
+            check_server(resolve_uri(cfg.run_dir, cfg.tracking_uri))
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    check_rerun(cfg, cfg.run_dir)  # before anything else: a rerun with other settings is refused
     mcfg = adopt_cached_encoder(cfg.model, [s.shards for s in cfg.data.specs()])
     datasets, kind = check_data(cfg, mcfg)  # before the process group: a config error is one line per rank
     info = distributed.init()
     rank, world, main = info.rank, info.world_size, info.is_main
     run_dir = Path(cfg.run_dir)
     steps_per_epoch, max_steps = schedule_length(cfg, datasets, world)
+    if (done := finished_run(run_dir, max_steps)) is not None:
+        return already_complete(cfg, run_dir, done, max_steps, kind, info)
     precision = (
         cfg.precision if cfg.precision != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
     )
@@ -109,6 +126,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         start_tracking(tracker, cfg, run_dir, info, kind, max_steps, init_checksum)
     else:
         tracker.set_tags({f"resumed_at_step_{state.step}": resumed_from.name})
+    if main:  # steps an earlier attempt could not log (tracking server down) are logged now
+        tracker.backfill(unlogged_rows(run_dir, tracker.logged_step(), cfg.log_every, max_steps))
 
     def export(out: Path) -> None:
         from pipeline.weights import export_trainable
@@ -129,6 +148,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         total = distributed.all_reduce_named({**local, "stop": float(stop.requested)}, info.device)
         stop_now = total["stop"] > 0 and state.step < max_steps
         loss = total["loss"] / world
+        nonfinite = not (math.isfinite(loss) and _finite(grad_norm) and engine.was_step_applied())
         state.samples_seen += int(total["samples"])
         state.skipped["errors"] += int(total["errors"])
         state.skipped["too_long"] += int(total["too_long"])
@@ -142,6 +162,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             metrics = step_metrics(total, state, lr, grad_norm, time.perf_counter() - t_step, world)
             metrics["epoch"] = state.step / steps_per_epoch
             log_step(cfg, run_dir, tracker, state.step, max_steps, metrics)
+        if nonfinite:  # the same numbers on every rank: all skip, or all stop, together
+            try:
+                skip_nonfinite(cfg, state, loss, grad_norm, engine.was_step_applied(), main)
+            except ConfigError:
+                tracker.close("FAILED")
+                raise
         if cfg.eval.shards and (state.step % cfg.eval.every == 0 or state.step == max_steps):
             evaluate_in_training(
                 model, tokenizer, cfg.eval, state.step, rank, world, run_dir, tracker, info.device
@@ -160,7 +186,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     if main and last_saved is not None:
         final = run_dir / EXPORT
+        (run_dir / COMPLETE).unlink(missing_ok=True)  # the record below describes the new export only
         shutil.copytree(last_saved / EXPORT, final, dirs_exist_ok=True)
+        files = {f"{EXPORT}/{k}": v for k, v in checkpoint.file_digests(final).items()}
+        record = {"step": state.step, "checkpoint": last_saved.name, "loss": loss, "files": files}
+        write_json({**record, "samples_seen": state.samples_seen}, run_dir / COMPLETE)
         tracker.log_artifact(final, "export")
     tracker.close()
     distributed.cleanup()
@@ -179,8 +209,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def check_data(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[Datasets, str]:
-    """Shard counts of every dataset and the one input kind they share; refuses shards that do not fit."""
+    """Shard counts of every dataset and the one input kind they share; refuses shards that do not fit,
+    and the output of a preprocess job that did not finish (unless ``data.allow_unfinished``)."""
     specs = cfg.data.specs()
+    for s in specs:
+        if (why := unfinished_output(s.shards)) is None:
+            continue
+        if not cfg.data.allow_unfinished:
+            raise ConfigError(
+                f"data: {s.shards!r} is the output of a preprocess job that did not finish ({why}): rerun "
+                "the same preprocess command to finish it (data.allow_unfinished=true trains on it as it is)"
+            )
+        if distributed.launcher_env()[0] == 0:
+            print(
+                f"[train] warning: data: {s.shards!r} is unfinished ({why}); training on it anyway",
+                flush=True,
+            )
     datasets = [(shard_counts(s.shards), s.weight) for s in specs]  # refuses missing folders
     keys = [f"data.datasets[{i}].num_frames" for i in range(len(specs))] if cfg.data.datasets else []
     kinds = {
@@ -190,6 +234,62 @@ def check_data(cfg: TrainConfig, mcfg: ModelConfig) -> tuple[Datasets, str]:
     if len(kinds) > 1:
         raise ConfigError("data.datasets: mixes frame shards and feature shards; use one kind for all")
     return datasets, kinds.pop()
+
+
+def finished_run(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The record of a run that already trained ``max_steps`` (``RUN/COMPLETE``, written with its final
+    export), else None. A finished run whose checkpoints were removed cannot train further: refused,
+    rather than starting again from step 0 over its export."""
+    try:
+        done = json.loads((run_dir / COMPLETE).read_text())
+        int(done["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if done["step"] >= max_steps:
+        return done
+    if checkpoint.latest(run_dir) is None:
+        raise ConfigError(
+            f"run_dir {str(run_dir)!r} holds a run finished at step {done['step']} (export: "
+            f"{run_dir / EXPORT}) without checkpoints to continue it to step {max_steps}: use another "
+            f"run_dir (init_from={run_dir / EXPORT} starts from its weights)"
+        )
+    return None
+
+
+def already_complete(
+    cfg: TrainConfig, run_dir: Path, done: dict, max_steps: int, kind: str, info: DistInfo
+) -> dict[str, Any]:
+    """A rerun of a finished run: say so, name its export, and log what the tracker missed."""
+    if info.is_main:
+        print(
+            f"[train] {run_dir} is complete: trained {done['step']} of max_steps {max_steps} steps; export: "
+            f"{run_dir / EXPORT} (nothing to do; a larger max_steps continues it)",
+            flush=True,
+        )
+        tracker = make_tracker(True, cfg.tracking, run_dir, cfg.experiment, cfg.tracking_uri, cfg.run_name)
+        tracker.skip_logged_steps()
+        tracker.backfill(unlogged_rows(run_dir, tracker.logged_step(), cfg.log_every, done["step"]))
+        tracker.close()
+    distributed.cleanup()
+    summary = {"steps": done["step"], "max_steps": max_steps, "loss": done.get("loss", float("nan"))}
+    return {
+        **summary,
+        "samples_seen": done.get("samples_seen", 0),
+        "input": kind,
+        "run_dir": str(run_dir),
+        "rank": info.rank,
+        "already_complete": True,
+    }
+
+
+def unlogged_rows(run_dir: Path, logged: int, log_every: int, last: int) -> list[dict[str, Any]]:
+    """metrics.jsonl rows past the tracker's newest step that the run logs (every ``log_every``, and
+    ``last``): what an earlier attempt could not send while the tracking server was down."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    rows = (json.loads(ln) for ln in path.read_text().splitlines() if ln)
+    return [r for r in rows if r["step"] > logged and (r["step"] % log_every == 0 or r["step"] == last)]
 
 
 def schedule_length(cfg: TrainConfig, datasets: Datasets, world: int) -> tuple[int, int]:
@@ -325,6 +425,38 @@ def train_step(
         sums["samples"] += inputs["input_ids"].shape[0]
     sums["loss"] /= accum
     return sums, lr
+
+
+def _finite(x) -> bool:
+    return x is None or math.isfinite(float(x))
+
+
+def skip_nonfinite(cfg: TrainConfig, state: TrainState, loss: float, grad_norm, applied: bool, main: bool):
+    """A step with a non-finite loss or gradient norm. DeepSpeed's overflow check leaves the weights and
+    the optimizer as they were; it is skipped, with a warning, while ``optim.skip_nonfinite`` allows.
+    Otherwise the run stops here with one line, before any checkpoint of this step is written."""
+    state.skipped["nonfinite"] = n = state.skipped.get("nonfinite", 0) + 1
+    budget = cfg.optim.skip_nonfinite
+    what = f"loss {loss:.4g}, grad norm {float('nan') if grad_norm is None else float(grad_norm):.4g}"
+    if not applied and n <= budget:
+        if main:
+            print(
+                f"[train] warning: step {state.step}: non-finite ({what}): update skipped "
+                f"({n} of at most {budget}, optim.skip_nonfinite)",
+                flush=True,
+            )
+        return
+    newest = checkpoint.latest(cfg.run_dir)
+    why = (
+        "its update was applied, so it cannot be skipped"
+        if applied
+        else (f"{n - 1} skipped before, optim.skip_nonfinite={budget}" if budget else "")
+    )
+    raise ConfigError(
+        f"step {state.step}: non-finite {what}{f' ({why})' if why else ''}; training stopped, this step "
+        f"not saved (newest checkpoint: {newest.name if newest else 'none'}). Lower optim.init_lr or set "
+        "optim.grad_clip; optim.skip_nonfinite=N skips up to N such steps"
+    )
 
 
 def step_metrics(total: dict[str, float], state: TrainState, lr: float, grad_norm, dt: float, world: int):

@@ -26,22 +26,13 @@ def evaluate_in_training(
     was_training = model.training
     model.eval()
     try:
-        nll, tokens, count, preds = score(
-            model,
-            tokenizer,
-            device,
-            vcfg.shards,
-            kind,
-            batch_size=vcfg.batch_size,
-            max_caption_tokens=vcfg.max_caption_tokens,
-            max_samples=vcfg.max_samples,
-            generation=gen,
-            rank=rank,
-            world=world,
-        )
+        scores = score(model, tokenizer, device, vcfg, kind, gen, rank=rank, world=world)
     finally:
         model.train(was_training)
-    sums = distributed.all_reduce_named({"nll": nll, "tokens": tokens, "samples": count}, device)
+    sums = distributed.all_reduce_named(
+        {"nll": scores.nll, "tokens": scores.tokens, "samples": scores.samples}, device
+    )
+    preds = scores.predictions
     if world > 1 and gen is not None:
         preds = [p for part in distributed.all_gather_object(preds) for p in part]
     if rank != 0:

@@ -1,0 +1,72 @@
+"""One writer per folder: an exclusive OS file lock on ``FOLDER/.lock`` for as long as a job writes there.
+
+``flock`` locks belong to the open file, so the kernel drops them when the process ends however it ends
+(SIGKILL, OOM, a node's Slurm job killed): a crashed run never blocks its own resume, and a requeued job
+gets the lock as soon as its predecessor is gone. The holder writes its PID and host into the file, so a
+refused second job can say who holds it. Forked children (DataLoader workers) close their copy, so a
+worker outliving a killed parent for a moment does not keep the folder locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds (closed in forked children)
+
+
+class FolderBusy(ConfigError):
+    """Another process holds the folder's lock; the message names its PID and host."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process (PID unknown)"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str, command: str) -> Iterator[Path]:
+    """Hold ``FOLDER/.lock`` exclusively for the ``with`` block; refuse at once (:class:`FolderBusy`, one
+    line naming the holder's PID and host) when another process holds it. ``what`` names the folder in
+    the message (``run_dir``, ``output``), ``command`` the job (``train``, ``preprocess``)."""
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(
+            f"{what}: {str(folder)!r} is in use by {_holder(path)} (a {command} job writing there); "
+            "wait for it to end, or use another folder"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"{what}: cannot lock {str(path)!r}: {e.strerror or e}") from None
+    _HELD.add(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)  # the last descriptor of the open file: the lock is released
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
