@@ -309,6 +309,21 @@ def decode_segment(source: dict[str, Any], spec: SamplingSpec, seed: list[int]) 
     }
 
 
+def _decoded(c, s, keep: set[int]):
+    """Frames decoded from the current position; a packet that is not one of the ``keep`` frames is
+    decoded with ``skip_frame=NONREF``: a frame no other frame refers to is then not decoded at all
+    (half the frames of an x264 stream with B-frames), the frames that are kept come out unchanged."""
+    ctx = s.codec_context
+    demux = c.demux(s)
+    try:
+        for packet in demux:
+            ctx.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
+            yield from ctx.decode(packet if packet.size else None)
+    finally:
+        ctx.skip_frame = "DEFAULT"
+        demux.close()
+
+
 def _decode_at(c, s, targets: list[int], keys: np.ndarray, width: int, height: int) -> list[np.ndarray]:
     """RGB frames (``width`` x ``height``) with presentation timestamps ``targets`` (sorted): decode
     forward, seeking to a target's key frame only when that key frame lies past what was decoded."""
@@ -321,7 +336,7 @@ def _decode_at(c, s, targets: list[int], keys: np.ndarray, width: int, height: i
                 if frames is not None:
                     frames.close()  # before the seek: PyAV asserts on a generator left open
                 c.seek(key, stream=s, backward=True, any_frame=False)
-                frames, at = c.decode(s), None
+                frames, at = _decoded(c, s, set(targets)), None
             frame = None
             for frame in frames:
                 if frame.pts is None:
