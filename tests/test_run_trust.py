@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -130,6 +131,21 @@ def test_second_train_on_a_run_dir_is_refused_and_a_killed_holder_never_blocks(f
         holder.wait()
     with folder_lock(run_dir, "run_dir", "train"):  # SIGKILLed: the kernel released it at once
         assert f"PID {os.getpid()}" in (run_dir / ".lock").read_text()
+
+
+def test_requeued_job_waits_for_its_predecessor_to_release_the_lock(tmp_path, monkeypatch):
+    from pipeline.folderlock import folder_lock, requeue_wait_s
+
+    assert requeue_wait_s() == 0.0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue_wait_s() == 120.0
+    holder = _hold_lock(tmp_path)
+    threading.Timer(1.0, lambda: os.killpg(holder.pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with folder_lock(tmp_path, "run_dir", "train", wait_s=requeue_wait_s()):
+        waited = time.monotonic() - t0
+    holder.wait()
+    assert 0.9 < waited < 60
 
 
 def test_second_preprocess_into_an_output_is_refused(frame_corpus, tmp_path):

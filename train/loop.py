@@ -37,7 +37,7 @@ import torch
 from pipeline import distributed
 from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
-from pipeline.folderlock import folder_lock
+from pipeline.folderlock import folder_lock, requeue_wait_s
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
 from pipeline.rundir import COMPLETE, CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards, unfinished_output, write_json
@@ -77,7 +77,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     rank = distributed.launcher_env()[0]
     if rank != 0:
         return _train(cfg)
-    with folder_lock(cfg.run_dir, "run_dir", "train"):
+    with folder_lock(cfg.run_dir, "run_dir", "train", requeue_wait_s()):
         if cfg.tracking:  # seconds, not minutes of retries followed by a traceback
             check_server(resolve_uri(cfg.run_dir, cfg.tracking_uri))
         return _train(cfg)
