@@ -313,7 +313,7 @@ def _mlflow_server(port: int, db: Path) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # minutes on a loaded machine
     while True:
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
