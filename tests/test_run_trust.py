@@ -251,6 +251,8 @@ def test_rerun_of_a_finished_run_without_checkpoints_says_complete(
     assert summary["already_complete"] and summary["steps"] == 3 and summary["loss"] == losses(run_dir)[3]
     assert (run_dir / "metrics.jsonl").read_text() == metrics and not (run_dir / "checkpoints").exists()
     assert {p: p.read_bytes() for p in (run_dir / "export").iterdir()} == before
+    (run_dir / "COMPLETE").unlink()  # a run finished before the record existed: its metrics say it
+    assert run(_cfg(f"data.shards={frame_shards}", f"run_dir={run_dir}", *SHORT_RUN))["already_complete"]
 
     # more steps cannot continue without a checkpoint, and must not restart over the export
     longer = [a for a in SHORT_RUN if not a.startswith("max_steps")] + ["max_steps=5"]
