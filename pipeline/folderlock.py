@@ -64,9 +64,15 @@ def folder_lock(folder: str | Path, what: str, command: str, wait_s: float = 0.0
             f"{what}: {str(folder)!r} is in use by {_holder(path)} (a {command} job writing there); "
             "wait for it to end, or use another folder"
         ) from None
-    except OSError as e:
+    except OSError as e:  # a file system without locks (some Lustre/NFS mounts): warn, do not refuse
         os.close(fd)
-        raise ConfigError(f"{what}: cannot lock {str(path)!r}: {e.strerror or e}") from None
+        print(
+            f"[{command}] warning: {what}: cannot lock {str(path)!r} ({e.strerror or e}): nothing stops a "
+            "second job from writing there",
+            flush=True,
+        )
+        yield path
+        return
     _HELD.add(fd)
     try:
         os.ftruncate(fd, 0)
