@@ -45,15 +45,20 @@ class TrackingUnavailable(ConfigError):
 
 
 def check_server(uri: str) -> None:
-    """One request with a short timeout to an http(s) tracking server; :class:`TrackingUnavailable` in
-    one line when nothing answers. Any HTTP answer (even an error status) means a server is there."""
+    """One request with a short timeout to an http(s) tracking server's ``/health``; :class:`TrackingUnavailable`
+    in one line when nothing answers, or something other than MLflow does (a proxy's 404 or 502). 401/403
+    are a server that wants credentials: MLflow's client sends them, this check does not."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S):
             pass
-    except urllib.error.HTTPError:
-        pass
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            raise TrackingUnavailable(
+                f"tracking_uri: {uri} answers HTTP {e.code} at /health: no MLflow server runs there; start "
+                "it, set tracking_uri to one that runs, or tracking=false to train without MLflow"
+            ) from None
     except (OSError, ValueError) as e:
         why = getattr(e, "reason", e)
         raise TrackingUnavailable(

@@ -279,6 +279,27 @@ def test_tracking_server_down_is_one_line_in_seconds(frame_shards, tmp_path):
     assert "tracking=false" in msg and not (run_dir / "config.yaml").exists()
 
 
+def test_something_other_than_mlflow_at_the_tracking_uri_is_refused():
+    """A proxy or another web server answers 404 at /health: not taken for a tracking server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.tracking import TrackingUnavailable, check_server
+
+    class NotMlflow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404 if self.path == "/health" else 200)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(TrackingUnavailable, match=f"{uri} answers HTTP 404 at /health"):
+            check_server(uri)
+        server.shutdown()
+
+
 def test_steps_the_store_missed_are_backfilled_at_the_next_start(tmp_path):
     from mlflow.tracking import MlflowClient
 
