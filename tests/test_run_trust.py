@@ -5,6 +5,7 @@ says so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -343,12 +344,15 @@ def _mlflow_server(port: int, db: Path) -> subprocess.Popen:
                 return server
         except OSError:
             pass
-        assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop(server)  # never left running behind a failed test
+            pytest.fail("mlflow server did not start")
         time.sleep(0.5)
 
 
 def _stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # stopped already
+        os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=30)
 
 
