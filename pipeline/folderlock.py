@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -34,24 +35,44 @@ def _holder(path: Path) -> str:
     return text or "another process (PID unknown)"
 
 
+def requeue_wait_s() -> float:
+    """A requeued Slurm job may start while its predecessor's processes are still being killed: it waits
+    this long for the lock to be released instead of failing at once."""
+    return 120.0 if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 else 0.0
+
+
 @contextmanager
-def folder_lock(folder: str | Path, what: str, command: str) -> Iterator[Path]:
-    """Hold ``FOLDER/.lock`` exclusively for the ``with`` block; refuse at once (:class:`FolderBusy`, one
-    line naming the holder's PID and host) when another process holds it. ``what`` names the folder in
-    the message (``run_dir``, ``output``), ``command`` the job (``train``, ``preprocess``)."""
+def folder_lock(folder: str | Path, what: str, command: str, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold ``FOLDER/.lock`` exclusively for the ``with`` block; refuse (:class:`FolderBusy`, one line
+    naming the holder's PID and host) when another process still holds it after ``wait_s`` seconds.
+    ``what`` names the folder in the message (``run_dir``, ``output``), ``command`` the job."""
     path = Path(folder) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
     except BlockingIOError:
         os.close(fd)
         raise FolderBusy(
             f"{what}: {str(folder)!r} is in use by {_holder(path)} (a {command} job writing there); "
             "wait for it to end, or use another folder"
         ) from None
-    except OSError as e:
+    except OSError as e:  # a file system without locks (some Lustre/NFS mounts): warn, do not refuse
         os.close(fd)
-        raise ConfigError(f"{what}: cannot lock {str(path)!r}: {e.strerror or e}") from None
+        print(
+            f"[{command}] warning: {what}: cannot lock {str(path)!r} ({e.strerror or e}): nothing stops a "
+            "second job from writing there",
+            flush=True,
+        )
+        yield path
+        return
     _HELD.add(fd)
     try:
         os.ftruncate(fd, 0)

@@ -12,9 +12,9 @@ exact, so they hold the same losses).
 
 A tracking server never costs training time: a run checks it answers before it starts (seconds, one
 line when it does not); when it goes away mid-run, a warning is printed, training goes on (every step
-is in ``metrics.jsonl``), and the points it missed are logged when it answers again (retried every
-``RETRY_S`` seconds) or at the run's next start. MLflow's own retries (7, about 4 minutes per call)
-are cut to ``HTTP_RETRIES`` with ``HTTP_TIMEOUT_S`` unless the environment sets them.
+is in ``metrics.jsonl``), and the points it missed are logged when it answers again (tried after
+``RETRY_S`` seconds, then ever less often) or at the run's next start. MLflow's own retries (7, about
+4 minutes per call) are cut to ``HTTP_RETRIES`` with ``HTTP_TIMEOUT_S`` unless the environment sets them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pipeline.rundir import METRICS, MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN_ID
 
 CHECK_TIMEOUT_S = 5.0  # the check before training
 HTTP_RETRIES, HTTP_TIMEOUT_S = 1, 10  # per MLflow request (MLflow's defaults: 7 retries, 120 s)
-RETRY_S = 30.0  # while the server is away, one try per this many seconds
+RETRY_S, MAX_RETRY_S = 30.0, 600.0  # while the server is away: a try after 30 s, 60 s, ... at most 10 min
 BATCH = 1000  # metrics per log_batch (MLflow's limit)
 
 
@@ -45,15 +45,20 @@ class TrackingUnavailable(ConfigError):
 
 
 def check_server(uri: str) -> None:
-    """One request with a short timeout to an http(s) tracking server; :class:`TrackingUnavailable` in
-    one line when nothing answers. Any HTTP answer (even an error status) means a server is there."""
+    """One request with a short timeout to an http(s) tracking server's ``/health``; :class:`TrackingUnavailable`
+    in one line when nothing answers, or something other than MLflow does (a proxy's 404 or 502). 401/403
+    are a server that wants credentials: MLflow's client sends them, this check does not."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S):
             pass
-    except urllib.error.HTTPError:
-        pass
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            raise TrackingUnavailable(
+                f"tracking_uri: {uri} answers HTTP {e.code} at /health: no MLflow server runs there; start "
+                "it, set tracking_uri to one that runs, or tracking=false to train without MLflow"
+            ) from None
     except (OSError, ValueError) as e:
         why = getattr(e, "reason", e)
         raise TrackingUnavailable(
@@ -145,7 +150,7 @@ class MlflowTracker:
         self.backlog = Path(backlog) if backlog else None
         self.pending: dict[int, dict[str, float] | None] = {}  # step -> metrics (None: in the backlog)
         self.away_since: float | None = None
-        self.next_try = 0.0
+        self.next_try, self.retry_s = 0.0, RETRY_S
         id_file = Path(run_dir) / MLFLOW_RUN_ID
         self.resumed = id_file.is_file()
         self.logged: dict[str, int] = {}  # metric -> last step already in the store (see skip_logged_steps)
@@ -179,14 +184,16 @@ class MlflowTracker:
 
     def _away(self, e: BaseException) -> None:
         if self.away_since is None:
-            self.away_since = time.monotonic()
+            self.away_since, self.retry_s = time.monotonic(), RETRY_S
             print(
                 f"[tracking] warning: MLflow at {self.uri} does not answer ({_first_line(e)}); training goes "
                 f"on and {METRICS} keeps every step: the points it misses are logged when it answers "
                 "again, or at the run's next start",
                 flush=True,
             )
-        self.next_try = time.monotonic() + RETRY_S
+        else:  # a server that hangs costs up to a timeout per try: tries get rarer
+            self.retry_s = min(2 * self.retry_s, MAX_RETRY_S)
+        self.next_try = time.monotonic() + self.retry_s
 
     def _call(self, what: str, fn, *args, **kwargs) -> bool:
         try:

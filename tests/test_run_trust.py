@@ -5,6 +5,7 @@ says so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -132,6 +134,21 @@ def test_second_train_on_a_run_dir_is_refused_and_a_killed_holder_never_blocks(f
         assert f"PID {os.getpid()}" in (run_dir / ".lock").read_text()
 
 
+def test_requeued_job_waits_for_its_predecessor_to_release_the_lock(tmp_path, monkeypatch):
+    from pipeline.folderlock import folder_lock, requeue_wait_s
+
+    assert requeue_wait_s() == 0.0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue_wait_s() == 120.0
+    holder = _hold_lock(tmp_path)
+    threading.Timer(1.0, lambda: os.killpg(holder.pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with folder_lock(tmp_path, "run_dir", "train", wait_s=requeue_wait_s()):
+        waited = time.monotonic() - t0
+    holder.wait()
+    assert 0.9 < waited < 60
+
+
 def test_second_preprocess_into_an_output_is_refused(frame_corpus, tmp_path):
     from preprocess.config import PreprocessConfig
     from preprocess.job import run
@@ -235,6 +252,8 @@ def test_rerun_of_a_finished_run_without_checkpoints_says_complete(
     assert summary["already_complete"] and summary["steps"] == 3 and summary["loss"] == losses(run_dir)[3]
     assert (run_dir / "metrics.jsonl").read_text() == metrics and not (run_dir / "checkpoints").exists()
     assert {p: p.read_bytes() for p in (run_dir / "export").iterdir()} == before
+    (run_dir / "COMPLETE").unlink()  # a run finished before the record existed: its metrics say it
+    assert run(_cfg(f"data.shards={frame_shards}", f"run_dir={run_dir}", *SHORT_RUN))["already_complete"]
 
     # more steps cannot continue without a checkpoint, and must not restart over the export
     longer = [a for a in SHORT_RUN if not a.startswith("max_steps")] + ["max_steps=5"]
@@ -259,6 +278,27 @@ def test_tracking_server_down_is_one_line_in_seconds(frame_shards, tmp_path):
     msg = str(e.value)
     assert msg.startswith("tracking_uri: no MLflow server answers at http://127.0.0.1:9") and "\n" not in msg
     assert "tracking=false" in msg and not (run_dir / "config.yaml").exists()
+
+
+def test_something_other_than_mlflow_at_the_tracking_uri_is_refused():
+    """A proxy or another web server answers 404 at /health: not taken for a tracking server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.tracking import TrackingUnavailable, check_server
+
+    class NotMlflow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404 if self.path == "/health" else 200)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(TrackingUnavailable, match=f"{uri} answers HTTP 404 at /health"):
+            check_server(uri)
+        server.shutdown()
 
 
 def test_steps_the_store_missed_are_backfilled_at_the_next_start(tmp_path):
@@ -297,19 +337,22 @@ def _mlflow_server(port: int, db: Path) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # minutes on a loaded machine
     while True:
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
                 return server
         except OSError:
             pass
-        assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop(server)  # never left running behind a failed test
+            pytest.fail("mlflow server did not start")
         time.sleep(0.5)
 
 
 def _stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # stopped already
+        os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=30)
 
 

@@ -468,6 +468,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, trained_ru
     def damaged(name: str, change) -> Path:
         run_dir = tmp_path / name
         shutil.copytree(ref, run_dir)
+        (run_dir / "COMPLETE").unlink()  # killed after saving step 4, before finishing: a rerun resumes
         change(run_dir / "checkpoints" / step4.name)
         return run_dir
 

@@ -37,9 +37,9 @@ import torch
 from pipeline import distributed
 from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
-from pipeline.folderlock import folder_lock
+from pipeline.folderlock import folder_lock, requeue_wait_s
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
-from pipeline.rundir import COMPLETE, CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
+from pipeline.rundir import CHECKPOINTS, COMPLETE, CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards, unfinished_output, write_json
 from pipeline.tracking import check_server, git_commit, make_tracker, resolve_uri
 from train import checkpoint
@@ -77,7 +77,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     rank = distributed.launcher_env()[0]
     if rank != 0:
         return _train(cfg)
-    with folder_lock(cfg.run_dir, "run_dir", "train"):
+    with folder_lock(cfg.run_dir, "run_dir", "train", requeue_wait_s()):
         if cfg.tracking:  # seconds, not minutes of retries followed by a traceback
             check_server(resolve_uri(cfg.run_dir, cfg.tracking_uri))
         return _train(cfg)
@@ -244,6 +244,8 @@ def finished_run(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
         done = json.loads((run_dir / COMPLETE).read_text())
         int(done["step"])
     except (OSError, ValueError, KeyError, TypeError):
+        done = _finished_before_records(run_dir)
+    if done is None:
         return None
     if done["step"] >= max_steps:
         return done
@@ -254,6 +256,19 @@ def finished_run(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
             f"run_dir (init_from={run_dir / EXPORT} starts from its weights)"
         )
     return None
+
+
+def _finished_before_records(run_dir: Path) -> dict[str, Any] | None:
+    """A run finished before ``RUN/COMPLETE`` was written: a final export, no checkpoint at all, and the
+    last step of metrics.jsonl (its export's step)."""
+    if (
+        not (run_dir / EXPORT).is_dir()
+        or (run_dir / CHECKPOINTS).is_dir()
+        or not (run_dir / METRICS).is_file()
+    ):
+        return None
+    lines = [ln for ln in (run_dir / METRICS).read_text().splitlines() if ln]
+    return json.loads(lines[-1]) if lines else None
 
 
 def already_complete(
