@@ -47,25 +47,30 @@ def folder_lock(folder: str | Path, what: str, command: str, wait_s: float = 0.0
     naming the holder's PID and host) when another process still holds it after ``wait_s`` seconds.
     ``what`` names the folder in the message (``run_dir``, ``output``), ``command`` the job."""
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
+    fd = -1
     try:
         while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise
+                os.close(fd)
                 time.sleep(1.0)
+                continue
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # locked the file of a holder that removed it on its way out: lock the new one
     except BlockingIOError:
-        os.close(fd)
+        _close(fd)
         raise FolderBusy(
             f"{what}: {str(folder)!r} is in use by {_holder(path)} (a {command} job writing there); "
             "wait for it to end, or use another folder"
         ) from None
     except OSError as e:  # a file system without locks (some Lustre/NFS mounts): warn, do not refuse
-        os.close(fd)
+        _close(fd)
         print(
             f"[{command}] warning: {what}: cannot lock {str(path)!r} ({e.strerror or e}): nothing stops a "
             "second job from writing there",
@@ -80,7 +85,25 @@ def folder_lock(folder: str | Path, what: str, command: str, wait_s: float = 0.0
         yield path
     finally:
         _HELD.discard(fd)
+        with suppress(OSError):  # a job refused before it wrote anything leaves the folder as it was
+            if [p.name for p in Path(folder).iterdir()] == [LOCK_FILE]:
+                path.unlink()
         os.close(fd)  # the last descriptor of the open file: the lock is released
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with suppress(OSError):
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _close_held_in_child() -> None:
