@@ -105,20 +105,11 @@ def make_sample(
 def _make_grounded(
     output, seed, min_seconds, max_seconds, faults, variant, settings, per_combination, workers
 ):
-    import dataclasses
+    from standins.sample_data import make_grounded_sample, variant_settings
 
-    from standins.sample_data import VARIANTS, GroundedSettings, make_grounded_sample
-
-    if variant is not None and variant not in VARIANTS:
-        _fail(ConfigError(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}"))
-    _, base, variant_seed = VARIANTS[variant or "demo"]
-    values = dataclasses.asdict(base)
-    if min_seconds or max_seconds:
-        values["seconds"] = (min_seconds or base.seconds[0], max_seconds or base.seconds[1])
-    if per_combination is not None:
-        values["per_combination"] = per_combination
+    overrides = [*settings, *([f"per_combination={per_combination}"] if per_combination else [])]
     try:
-        cfg = load_config(GroundedSettings, None, list(settings), values=values)
+        cfg, variant_seed = variant_settings(variant, overrides, (min_seconds, max_seconds))
         return make_grounded_sample(
             output, cfg, seed=variant_seed if seed is None else seed, faults=faults, workers=workers
         )

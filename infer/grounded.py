@@ -151,6 +151,7 @@ def evaluate_questions(loaded, samples: list[dict[str, Any]], cfg: GroundedEvalC
 
 
 def refs_of(samples: list[dict[str, Any]]) -> list[str]:
+    """The reference captions (the factors' source for scoring and for the probe's labels)."""
     return [s["caption"] for s in samples]
 
 
@@ -184,10 +185,7 @@ def run(cfg: GroundedEvalConfig) -> dict[str, Any]:
         if not train:
             raise ConfigError(f"probe: {cfg.probe!r} holds no samples with cached features and a caption")
         report["probe"] = probe_factors(
-            _features(train).numpy(),
-            [s["caption"] for s in train],
-            _features(samples).numpy(),
-            refs_of(samples),
+            _features(train).numpy(), refs_of(train), _features(samples).numpy(), refs_of(samples)
         )
     if cfg.output:
         out = Path(cfg.output)

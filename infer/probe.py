@@ -3,10 +3,11 @@
     python cli.py grounded-eval RUN HELDOUT_SHARDS --probe TRAIN_SHARDS
 
 A multinomial logistic regression per factor (colour, shape, direction) is fitted on the training
-clips' cached features and scored on the held-out clips' features. Its input is each frame's mean over
-the query tokens, frames concatenated in order (``[T * D]``), standardised with the training clips'
-statistics; a linear read-out of that sees colour and shape in any frame and the direction in how the
-frames differ. The L2 strength is picked by 4-fold cross-validation on the training clips only.
+clips' cached features and scored on the held-out clips' features. It reads one of two views, standardised
+with the training clips' statistics: the clip's mean feature (``[D]``: what every frame holds, colour and
+shape) or each frame's mean over the query tokens, frames concatenated in order (``[T * D]``: also how the
+frames differ, the direction). The view and the L2 strength are picked per factor by 4-fold
+cross-validation on the training clips only.
 
 The probe's held-out accuracy is a ceiling of what the encoder makes linearly available, printed beside
 what stage-1 training reached: a low direction score with a high probe blames the training, a low probe
@@ -27,6 +28,12 @@ FOLDS = 4
 def probe_input(features: np.ndarray) -> np.ndarray:
     """``[N, T, Q, D]`` cached features -> ``[N, T * D]``: per-frame means over the queries, in frame order."""
     return features.mean(axis=2).reshape(len(features), -1)
+
+
+def probe_views(features: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs a probe may read: the clip's mean feature ``[N, D]`` (fewer weights to fit: what is in
+    every frame) and the frames in order ``[N, T * D]`` (what changes between frames)."""
+    return {"clip mean": features.mean(axis=(1, 2)), "frames in order": probe_input(features)}
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +63,9 @@ def _predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, class
     return (xte @ w + b).argmax(1).numpy()
 
 
-def choose_l2(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -> float:
-    """The L2 strength of ``L2_GRID`` with the best ``FOLDS``-fold cross-validated accuracy on ``x``."""
+def choose_l2(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -> tuple[float, int]:
+    """The L2 strength of ``L2_GRID`` with the best ``FOLDS``-fold cross-validated accuracy on ``x``,
+    and the number of clips it got right."""
     folds = np.random.default_rng(seed).permutation(len(x)) % FOLDS
     scores = []
     for l2 in L2_GRID:
@@ -66,40 +74,49 @@ def choose_l2(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -> floa
             tr, te = folds != k, folds == k
             hits += int((_predict(x[tr], y[tr], x[te], classes, l2) == y[te]).sum())
         scores.append(hits)
-    return L2_GRID[int(np.argmax(scores))]
+    return L2_GRID[int(np.argmax(scores))], max(scores)
 
 
 def probe(
-    train_x: np.ndarray, train_labels: list[str], test_x: np.ndarray, test_labels: list[str]
-) -> tuple[float, np.ndarray, float]:
-    """Held-out accuracy of one factor's probe, its per-clip hits, and the chosen L2."""
+    train_x: np.ndarray | dict[str, np.ndarray],
+    train_labels: list[str],
+    test_x: np.ndarray | dict[str, np.ndarray],
+    test_labels: list[str],
+) -> tuple[float, np.ndarray, str]:
+    """Held-out accuracy of one factor's probe, its per-clip hits, and the chosen view and L2. With
+    several views (dicts of inputs), the view and the L2 are both picked by cross-validation on the
+    training clips."""
+    if not isinstance(train_x, dict):
+        train_x, test_x = {"input": train_x}, {"input": test_x}
     classes = sorted(set(train_labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in train_labels])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread (on a loaded machine, more spin for minutes)
     try:
-        l2 = choose_l2(train_x, y, len(classes))
-        pred = _predict(train_x, y, test_x, len(classes), l2)
+        picks = {v: choose_l2(x, y, len(classes)) for v, x in train_x.items()}
+        view = max(picks, key=lambda v: picks[v][1])
+        l2 = picks[view][0]
+        pred = _predict(train_x[view], y, test_x[view], len(classes), l2)
     finally:
         torch.set_num_threads(threads)
     hits = np.array([classes[p] == t for p, t in zip(pred, test_labels, strict=True)])
-    return float(hits.mean()), hits, l2
+    return float(hits.mean()), hits, f"{view}, L2 {l2:g}"
 
 
 def probe_factors(
     train_features: np.ndarray, train_refs: list[str], test_features: np.ndarray, test_refs: list[str]
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Per factor (and all three at once) held-out accuracy of linear probes on cached features
     ``[N, T, Q, D]``; labels are read from the reference captions (``pipeline.grounded.read_factors``)."""
-    xtr, xte = probe_input(train_features), probe_input(test_features)
+    xtr, xte = probe_views(train_features), probe_views(test_features)
     train_f = [grounded.read_factors(r) for r in train_refs]
     test_f = [grounded.read_factors(r) for r in test_refs]
-    out: dict[str, float] = {"train_clips": len(train_refs), "clips": len(test_refs)}
+    out: dict[str, float | str] = {"train_clips": len(train_refs), "clips": len(test_refs)}
     all_hits = np.ones(len(test_refs), dtype=bool)
     for f in grounded.FACTORS:
-        acc, hits, l2 = probe(xtr, [str(t[f]) for t in train_f], xte, [str(t[f]) for t in test_f])
-        out[f], out[f"{f}_l2"] = acc, l2
+        acc, hits, how = probe(xtr, [str(t[f]) for t in train_f], xte, [str(t[f]) for t in test_f])
+        out[f], out[f"{f}_probe"] = acc, how
         all_hits &= hits
     out["all"] = float(all_hits.mean())
     return out

@@ -17,6 +17,7 @@ The same ``seed`` gives the same files. Two kinds:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import tarfile
@@ -30,6 +31,7 @@ import av
 import numpy as np
 
 from pipeline import grounded
+from pipeline.config import ConfigError, load_config
 from pipeline.grounded import FACTORS
 
 WORDS = [
@@ -334,6 +336,21 @@ VARIANTS: dict[str, tuple[str, GroundedSettings, int]] = {  # name: (role, setti
         22,
     ),
 }  # fmt: skip
+
+
+def variant_settings(
+    name: str | None,
+    overrides: list[str] | None = None,
+    seconds: tuple[float | None, float | None] = (None, None),
+) -> tuple[GroundedSettings, int]:
+    """A named variant's settings (default: the demo's) with ``KEY=VALUE`` overrides and either bound of
+    the clip length replaced, and the variant's seed."""
+    if name is not None and name not in VARIANTS:
+        raise ConfigError(f"--variant: {name!r} is not one of {', '.join(VARIANTS)}")
+    _, base, seed = VARIANTS[name or "demo"]
+    values = dataclasses.asdict(base)
+    values["seconds"] = tuple(new or old for new, old in zip(seconds, base.seconds, strict=True))
+    return load_config(GroundedSettings, None, overrides, values=values), seed
 
 
 @dataclass(frozen=True)

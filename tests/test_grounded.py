@@ -304,3 +304,24 @@ def test_bad_settings_are_refused_in_one_line():
     ):
         with pytest.raises(ValueError, match="shapes|background|speed"):
             bad.validate()
+
+
+def test_make_sample_refuses_an_unknown_variant_or_setting_in_one_line(tmp_path):
+    for args in (["--variant", "nope"], ["--setting", "background=stripes"], ["--setting", "speeds=[1,2]"]):
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "cli.py"),
+                "make-sample",
+                "--grounded",
+                "--output",
+                str(tmp_path),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and (
+            "variant" in r.stderr or "background" in r.stderr or "speeds" in r.stderr
+        ), r.stderr
