@@ -27,6 +27,7 @@ import sys
 import click
 
 from pipeline.config import ConfigError, WeightPaths, load_config
+from preprocess.config import DATASETS
 
 
 def _fail(e: Exception) -> None:
@@ -189,19 +190,7 @@ def tiny_encoder(overrides, **flags) -> None:
 @click.option("--tars", help="instead: folder of WebDataset tars of videos (video + .json/.txt caption)")
 @click.option(
     "--dataset",
-    type=click.Choice(
-        [
-            "webvid",
-            "cc_sbu_align",
-            "llava",
-            "videochat",
-            "panda70m",
-            "internvid",
-            "openvid",
-            "manifest",
-            "folder",
-        ]
-    ),
+    type=click.Choice(DATASETS),
     help="what --annotations holds [webvid]; folder: --videos with NAME.txt captions (docs/DATA.md)",
 )
 @click.option("--columns", help="manifest columns, e.g. video=path,caption=text,start=t0,end=t1")

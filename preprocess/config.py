@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from pipeline.captions import CaptionCleaning
 from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
@@ -22,6 +22,12 @@ DECODER_FRAME_FACTOR = 4
 def decoder_memory_mb(num_frames: int, views: int, size: int) -> float:
     """The least decode_memory_mb a clip of these frames can decode under (see DECODER_BASE_MB)."""
     return DECODER_BASE_MB + DECODER_FRAME_FACTOR * num_frames * views * size * size * 3 / 2**20
+
+
+Dataset = Literal[
+    "webvid", "cc_sbu_align", "llava", "videochat", "panda70m", "internvid", "openvid", "manifest", "folder"
+]
+DATASETS: tuple[str, ...] = get_args(Dataset)  # what --annotations may hold (cli.py's --dataset choices)
 
 
 @dataclass
@@ -70,17 +76,7 @@ class PreprocessConfig:
     # what --annotations holds: WebVid CSV/TSV, a stage-2 instruction set (JSON + --images/--videos), a
     # corpus preset (panda70m, internvid: segments; openvid: whole files), a generic manifest
     # (CSV/TSV/JSONL/Parquet + --columns), or "folder": --videos of videos with sidecar NAME.txt captions
-    dataset: Literal[
-        "webvid",
-        "cc_sbu_align",
-        "llava",
-        "videochat",
-        "panda70m",
-        "internvid",
-        "openvid",
-        "manifest",
-        "folder",
-    ] = "webvid"
+    dataset: Dataset = "webvid"
     # manifest column mapping, e.g. "video=path,caption=text,start=t0,end=t1" (also overrides a preset's)
     columns: str | None = None
     images: str | None = None
