@@ -4,6 +4,7 @@ every test starts a training process."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -172,13 +173,30 @@ def run_train(
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.communicate()
             raise
     p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def kill_tree(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Kill a process started with ``start_new_session=True`` and everything under it, at once, as a lost
+    node does. Its process group is not enough: torchrun starts each rank in a session of its own, so
+    ``os.killpg`` on the launcher leaves the ranks training on (and holding the run folder's lock)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

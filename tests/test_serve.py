@@ -166,9 +166,11 @@ class Page:
     """The demo page as a user drives it (element ids set in infer/serve_page.py)."""
 
     def __init__(self, driver, url: str, timeout: float = 600):
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        self.d, self.wait = driver, WebDriverWait(driver, timeout, poll_frequency=0.5)
+        self.d = driver  # an element re-rendered between finding and using it: try again at the next poll
+        self.wait = WebDriverWait(driver, timeout, 0.5, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(url)
         self.wait.until(lambda d: self._file_input())
 
@@ -181,8 +183,15 @@ class Page:
         found = self._find("#upload input[type=file]")
         return found[0] if found else None
 
+    def _texts(self, css: str) -> list[str]:
+        """The visible text of each element matching ``css``, read in one script: Gradio re-renders
+        while it streams, and an element found first and read after would be gone (stale)."""
+        script = "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim());"
+        return self.d.execute_script(script, css)
+
     def status(self) -> str:
-        return self._find("#status")[0].text
+        found = self._texts("#status")
+        return found[0] if found else ""
 
     def upload(self, path: Path, expect: str) -> str:
         self.wait.until(lambda d: self._file_input())  # after a bad file the box is empty again
@@ -191,7 +200,7 @@ class Page:
         return self.status()
 
     def answers(self) -> list[str]:
-        return [e.text for e in self._find("#chat [data-testid=bot]")]
+        return self._texts("#chat [data-testid=bot]")
 
     def ask(self, question: str, done) -> str:
         """Type and send ``question``; wait until the newest answer satisfies ``done``."""

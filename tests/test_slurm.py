@@ -168,23 +168,27 @@ def test_train_two_nodes(train_job):
 
 def test_train_requeue_resumes_from_checkpoint(train_job):
     log, run_dir = train_job["log"], train_job["run_dir"]
-    assert train_job["state"]["Restarts"] == "1", train_job["state"]
+
+    def check(ok, what="") -> None:  # a failure shows the job's log (CI keeps nothing else)
+        assert ok, f"{what}\njob {train_job['job']} {train_job['state']}; log tail:\n{log[-6000:]}"
+
+    check(train_job["state"]["Restarts"] == "1", "not requeued exactly once")
     stopped = re.search(r"\[train\] stop signal: saved step (\d+), exit 75", log)
-    assert stopped and 0 < int(stopped[1]) < MAX_STEPS, log[-4000:]
+    check(stopped and 0 < int(stopped[1]) < MAX_STEPS, "no checkpoint-and-stop mid-run")
     step = int(stopped[1])
-    assert "SIGUSR1: asking the training processes to checkpoint and stop" in log
-    assert f"requeueing job {train_job['job']}; it resumes from {run_dir}/checkpoints/step_{step:08d}" in log
-    assert "attempt 2:" in log
+    check("SIGUSR1: asking the training processes to checkpoint and stop" in log)
+    check(f"requeueing job {train_job['job']}; it resumes from {run_dir}/checkpoints/step_{step:08d}" in log)
+    check("attempt 2:" in log)
     # Each attempt its own rendezvous port, and no agent dies of a store its peer took down (issue: a
     # requeued attempt that met its predecessor's port, and c10d's store host leaving first, exit 1).
     ports = re.findall(r"attempt \d+: .* rendezvous (\S+), run_dir", log)
-    assert len(ports) == 2 and ports[0] != ports[1], ports
-    assert "RendezvousConnectionError" not in log and "RendezvousClosedError" not in log
-    assert f"[train] resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in log
+    check(len(ports) == 2 and ports[0] != ports[1], f"rendezvous ports {ports}")
+    check("RendezvousConnectionError" not in log and "RendezvousClosedError" not in log)
+    check(f"[train] resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in log)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    assert f"MLflow run {run_id} (resuming)" in log
+    check(f"MLflow run {run_id} (resuming)" in log)
     _, runs = mlflow_run(run_dir)
-    assert [r.info.run_id for r in runs] == [run_id]
-    assert f"resumed_at_step_{step}" in runs[0].data.tags
+    check([r.info.run_id for r in runs] == [run_id], f"runs {[r.info.run_id for r in runs]}")
+    check(f"resumed_at_step_{step}" in runs[0].data.tags, f"tags {runs[0].data.tags}")
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, MAX_STEPS + 1))  # one uninterrupted-looking run
+    check(steps == list(range(1, MAX_STEPS + 1)), f"metrics steps {steps}")  # one uninterrupted-looking run

@@ -24,7 +24,7 @@ from pipeline.prompts import prepare_tokenizer
 from pipeline.shards import ShardWriter, inspect_shards, list_shards, read_shard
 from pipeline.tiny import tiny_tokenizer
 from pipeline.weights import load_trainable
-from tests.conftest import REPO, SHORT_RUN, TINY, losses, run_train, train_cmd, train_env
+from tests.conftest import REPO, SHORT_RUN, TINY, kill_tree, losses, run_train, train_cmd, train_env
 from train import checkpoint
 from train.config import OptimConfig, TrainConfig
 from train.data import TrainStream, check_encoder_weights, make_loader, shard_counts
@@ -295,7 +295,7 @@ def test_two_ranks_killed_and_restarted_give_the_same_losses(shards, tmp_path):
     deadline = time.monotonic() + 240
     while checkpoint.latest(run_dir) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # the launcher and both ranks
     proc.wait()
     killed_at = max(losses(run_dir))
     assert killed_at < 150, "the run finished before it could be killed"
