@@ -326,6 +326,30 @@ def conversation_sample(
     return TextSample(input_ids=ids, labels=labels, video_positions=positions)
 
 
+def original_mask_drift(tokenizer: PreTrainedTokenizerBase, template: Template) -> str | None:
+    """Whether ``label_mask=original`` leaves answer tokens unsupervised with this tokenizer: the original
+    counts each piece's tokens on its own, which lands on the turn borders with LLaMA's tokenizer but can
+    drift with another, silently dropping later turns' answers. A message, or None when the masks agree
+    on the answers (or the tokenizer is not fast, so the answers cannot be located)."""
+    if not tokenizer.is_fast:
+        return None
+    turns = [("Describe this video.", "a red square moves left"), ("Which way does it move?", "left"),
+             ("What colour is the shape?", "red"), ("What shape is it?", "square")]  # fmt: skip
+    both = [
+        conversation_sample(tokenizer, turns, template, num_video_tokens=4, label_mask=m) for m in LABEL_MASKS
+    ]
+    original, answers = (s.labels for s in both)
+    wanted = [i for i, lab in enumerate(answers) if lab != IGNORE_INDEX]
+    missed = sum(original[i] == IGNORE_INDEX for i in wanted)
+    if not missed:
+        return None
+    return (
+        f"data.label_mask=original: with this tokenizer the original's per-piece token counts drift off "
+        f"the turn borders ({missed} of {len(wanted)} answer tokens of a 4-turn {template} probe go "
+        f"unsupervised); data.label_mask=answers supervises exactly the answers"
+    )
+
+
 def collate(samples: Sequence[TextSample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask, labels (-100 on padding) and video_mask."""
     length = max(len(s.input_ids) for s in samples)

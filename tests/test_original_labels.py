@@ -312,3 +312,28 @@ def test_answers_mask_keeps_the_same_ids(sp):
         "##",
         "#",
     ]
+
+
+def test_a_drifting_original_mask_is_named(sp):
+    """The original's per-piece counts land on the turn borders with a LLaMA-like tokenizer; with the tiny
+    BPE tokenizer they drift and drop answer tokens, which training warns about (train/engine.py)."""
+    from pipeline.prompts import original_mask_drift
+    from pipeline.tiny import tiny_tokenizer
+
+    assert original_mask_drift(sp, "vicuna") is None and original_mask_drift(sp, "llama2") is None
+    bpe = tiny_tokenizer()
+    prepare_tokenizer(bpe)
+    drift = original_mask_drift(bpe, "vicuna")
+    assert drift is not None and "2 of 37 answer tokens of a 4-turn vicuna probe go unsupervised" in drift, (
+        drift
+    )
+    turns = [("Describe this video.", "a red square moves left"), ("Which way does it move?", "left"),
+             ("What colour is the shape?", "red"), ("What shape is it?", "square")]  # fmt: skip
+    original = conversation_sample(bpe, turns, "vicuna", num_video_tokens=N)
+    answers = conversation_sample(bpe, turns, "vicuna", num_video_tokens=N, label_mask="answers")
+    dropped = [
+        i
+        for i, lab in enumerate(answers.labels)
+        if lab != IGNORE_INDEX and original.labels[i] == IGNORE_INDEX
+    ]
+    assert len(dropped) == 2  # the same count, independently of the probe's own bookkeeping

@@ -19,7 +19,7 @@ from pipeline import distributed
 from pipeline.config import ConfigError
 from pipeline.distributed import DistInfo
 from pipeline.model import ModelConfig, VideoLLaMA
-from pipeline.prompts import build_tokenizer
+from pipeline.prompts import build_tokenizer, original_mask_drift
 from pipeline.rundir import DS_CONFIG
 from train.config import OptimConfig, TrainConfig
 
@@ -114,6 +114,14 @@ def check_template(cfg: TrainConfig, mcfg: ModelConfig, is_main: bool) -> None:
             "models need 'llama2', Vicuna/LLaMA 'vicuna'",
             flush=True,
         )
+
+
+def check_label_mask(cfg: TrainConfig, tokenizer, is_main: bool) -> None:
+    """Warn when the original's label masking drops answer tokens with this tokenizer (not LLaMA's)."""
+    if not (is_main and cfg.data.task == "conversation" and cfg.data.label_mask == "original"):
+        return
+    if drift := original_mask_drift(tokenizer, cfg.data.template):
+        print(f"[train] warning: {drift}", flush=True)
 
 
 def build_model(cfg: TrainConfig, mcfg: ModelConfig, verbose: bool = False) -> VideoLLaMA:

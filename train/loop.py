@@ -57,6 +57,7 @@ from train.engine import (
     REPO,
     build_engine,
     build_model,
+    check_label_mask,
     check_template,
     lr_at,
     set_master_weights,
@@ -108,6 +109,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     start = {n: p.detach().clone() for n, p in model.trainable_parameters()} if cfg.init_from else None
     tokenizer = training_tokenizer(cfg, mcfg)
     check_template(cfg, mcfg, main)
+    check_label_mask(cfg, tokenizer, main)
     engine, optimizer = build_engine(cfg, model, precision, info, run_dir)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     init_checksum = set_master_weights(model, start) if start is not None else None
