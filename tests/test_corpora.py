@@ -347,3 +347,44 @@ def test_panda70m_killed_job_resumes_to_identical_shards(long_video, tmp_path):
     assert summary["resumed_rows"] >= 2 * at_kill - 2 and (summary["total"], summary["ok"]) == (26, 24)
     assert len(digests(ref)) == 12 and digests(out) == digests(ref)
     assert pq.read_table(out / "index.parquet").equals(pq.read_table(ref / "index.parquet"))
+
+
+@pytest.mark.slow
+def test_segment_shards_train_caption_and_evaluate(ray_local, long_video, tmp_path):
+    """Item 4: shards of Panda-70M segments go into training, caption-shards and evaluate unchanged (the
+    tiny preset's 56 px frames), each segment once under its own key, with its segment's caption."""
+    from infer.batch import BatchCaptionConfig
+    from infer.batch import run as caption_shards
+    from infer.evaluate import EvaluateConfig
+    from infer.evaluate import run as evaluate
+    from infer.load import ModelSource
+    from pipeline.generate import GenerationConfig
+    from tests.conftest import SHORT_RUN, TINY_SIZE, losses, run_train
+
+    csv_path = tmp_path / "panda.csv"
+    spans = [[_hms(10 * k), _hms(10 * k + 10)] for k in range(6)]
+    _panda_csv(csv_path, [("vid_A", spans, [f"part {k} of the video" for k in range(6)])])
+    shards = tmp_path / "shards"
+    summary = run(_cfg(shards, dataset="panda70m", annotations=str(csv_path), videos=str(long_video),
+                       size=TINY_SIZE, resize="squash"))  # fmt: skip
+    assert (summary["total"], summary["ok"]) == (6, 6)
+    run_dir = tmp_path / "run"
+    run_train(1, f"data.shards={shards}", f"run_dir={run_dir}", "data.workers=1", *SHORT_RUN)
+    assert sorted(losses(run_dir)) == [1, 2, 3] and all(0 < v < 20 for v in losses(run_dir).values())
+
+    out = tmp_path / "captions.jsonl"
+    source = ModelSource(checkpoint=str(run_dir))
+    gen = GenerationConfig(do_sample=False, max_new_tokens=4)
+    done = caption_shards(
+        BatchCaptionConfig(model=source, generation=gen, shards=str(shards), output=str(out))
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (done["new"], done["failed"]) == (6, 0)
+    assert sorted((r["key"], r["videoid"]) for r in rows) == [(f"{k:09d}", "vid_A") for k in range(6)]
+
+    preds = tmp_path / "preds.jsonl"
+    got = evaluate(EvaluateConfig(model=source, generation=gen, shards=str(shards), metrics=True,
+                                  predictions=str(preds)))  # fmt: skip
+    assert got["samples"] == 6 and 0 < got["loss"] < 20
+    references = sorted(json.loads(line)["reference"] for line in preds.read_text().splitlines())
+    assert references == [f"part {k} of the video" for k in range(6)]
