@@ -203,11 +203,24 @@ class Page:
         return self._texts("#chat [data-testid=bot]")
 
     def ask(self, question: str, done) -> str:
-        """Type and send ``question``; wait until the newest answer satisfies ``done``."""
+        """Type and send ``question``; wait until the newest answer satisfies ``done``, or has not changed
+        for 30 s (a wrong answer, returned for the caller's assertion instead of a 10-minute time-out)."""
         n = len(self.answers())
         self._find("#question textarea")[0].send_keys(question)
         self._find("#send")[0].click()
-        self.wait.until(lambda d: len(self.answers()) == n + 1 and done(self.answers()[-1]))
+        last = {"text": None, "since": time.monotonic()}
+
+        def answered(_) -> bool:
+            found = self.answers()
+            if len(found) != n + 1:
+                return False
+            if done(found[-1]):
+                return True
+            if found[-1] != last["text"]:
+                last.update(text=found[-1], since=time.monotonic())
+            return found[-1] != "" and time.monotonic() - last["since"] > 30
+
+        self.wait.until(answered)
         return self.answers()[-1]
 
 
