@@ -197,6 +197,8 @@ def kill_tree(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
+    if sig == signal.SIGKILL:
+        psutil.wait_procs(tree, timeout=30)  # gone (their locks released) before the caller goes on
 
 
 def losses(run_dir: Path) -> dict[int, float]:
