@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,26 @@ def test_the_demo_asks_what_chat_asks(tiny_export):
     assert demo.answer(clip, QUESTIONS[0]) == want[0][1]  # /answer: a fresh conversation, greedy
     with pytest.raises(VideoError, match="cannot be decoded"):
         demo.read(tiny_export["text"])
+
+
+def test_an_image_is_a_one_frame_clip(tiny_export, tmp_path):
+    """An uploaded image: one frame at the model's size, no frame times, answered like a video; a text
+    file named .png gets the message."""
+    from PIL import Image
+
+    gen = GenerationConfig(template="vicuna", do_sample=False, max_new_tokens=4)
+    demo = Demo(
+        ServeConfig(model=ModelSource(checkpoint=str(tiny_export["export"]), device="cpu"), generation=gen)
+    )
+    Image.fromarray(np.full((40, 70, 3), (200, 30, 30), np.uint8)).save(tmp_path / "red.png")
+    clip = demo.read(tmp_path / "red.png")
+    size = demo.loaded.model.cfg.image_size
+    assert clip.frames.shape == (1, size, size, 3) and clip.timestamps is None
+    assert clip.features.shape[:2] == (1, 1)
+    assert list(demo.stream(clip, [], QUESTIONS[0], gen))[-1] == demo.answer(clip, QUESTIONS[0])
+    (tmp_path / "notes.png").write_text("not an image\n")
+    with pytest.raises(VideoError, match="image 'notes.png' cannot be read"):
+        demo.read(tmp_path / "notes.png")
 
 
 def test_listening_beyond_localhost_warns(tmp_path):
