@@ -257,7 +257,7 @@ def test_tiny_stand_ins_check_arguments_and_output_before_training(tmp_path):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             ),
-        )  # fmt: skip
+        )
         for args, says in cases
     ]
     for args, says, proc in procs:
