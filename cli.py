@@ -150,7 +150,7 @@ def tiny_llm(overrides, **flags) -> None:
 @click.option(
     "--output", required=True, type=click.Path(file_okay=False), help="BLIP-2-style folder to write"
 )
-@click.option("--steps", type=int, help="training steps [1200]")
+@click.option("--steps", type=int, help="training steps [1800]")
 @click.option("--seed", type=int, help="[0]")
 @click.argument("overrides", nargs=-1)
 def tiny_encoder(overrides, **flags) -> None:

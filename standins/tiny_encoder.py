@@ -46,7 +46,7 @@ ASPECT = 336 / 596  # WebVid-like 596x336 frames squashed to a square: shapes ge
 @dataclass
 class TinyEncoderConfig:
     output: str = ""
-    steps: int = 1200
+    steps: int = 1800
     batch_size: int = 64
     lr: float = 2e-3
     regression_weight: float = 10.0  # of the MSE on TARGETS, beside the shape cross-entropy

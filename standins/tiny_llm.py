@@ -115,11 +115,17 @@ def read_captions(path: str) -> list[dict[str, str]]:
 def conversation_turns(
     row: dict[str, str], rng: np.random.Generator, kind: str | None = None
 ) -> list[tuple[str, str]]:
-    """One stage-2 question and its answer: describe the video, or (grounded rows) one factor; a random
-    one unless ``kind`` names it."""
-    asked = [k for k in grounded.QUESTIONS if k == "caption" or k in row]
-    k = kind or asked[int(rng.integers(len(asked)))]
-    return [(grounded.QUESTIONS[k], row["caption"] if k == "caption" else row[k])]
+    """Stage-2 turns about one row, as the corpus's VideoChat conversations ask them
+    (``grounded.question_answers``): the first 1 to all of the questions the row answers (describe the
+    video; for grounded rows each factor too) in a random order; only ``kind``'s question if it is named.
+    Later turns matter: stage 2 trains on whole conversations, and an LLM that never saw a second turn
+    leaves the video tokens to make up for it (real LLMs are chat models)."""
+    if kind is not None:
+        kinds = [kind]
+    else:
+        asked = [k for k in grounded.QUESTIONS if k == "caption" or k in row]
+        kinds = [asked[i] for i in rng.permutation(len(asked))][: int(rng.integers(1, len(asked) + 1))]
+    return [(grounded.QUESTIONS[k], row["caption"] if k == "caption" else row[k]) for k in kinds]
 
 
 @dataclass
@@ -154,9 +160,14 @@ class SequenceBuilder:
         template = "vicuna" if rng.random() < 0.5 else "llama2"
         times = np.sort(rng.uniform(0, rng.uniform(5, 20), size=8))
         mark = "\x00"
-        q, a = conversation_turns(row, rng, kind)[0]
+        turns = conversation_turns(row, rng, kind)
+        q, a = turns[0]
         text, _ = render_conversation(
-            [(visual_turn(q, frame_times_message(times), num_video_tokens=1, placeholder=mark), a)], template
+            [
+                (visual_turn(q, frame_times_message(times), num_video_tokens=1, placeholder=mark), a),
+                *turns[1:],
+            ],
+            template,
         )
         before, after = text.split(mark)
         head, tail = [self.bos, *self.ids(before)], self.ids(after)
