@@ -21,7 +21,7 @@ a user runs, each as its own process, and prints seconds and peak RSS (the whole
 
 and checks every seam it can see: the placeholder id is 32,000 beyond a 32,000-row embedding, the
 cached features are fp16 [8, 32, 768], finite and not zero, every loss is finite, the export is fp32 with
-22,104,064 parameters, the checkpoint is at most 1.1 x 16 B per trainable parameter, and the weights,
+22,104,064 parameters, the checkpoint is at most 1.1 x 12 B per trainable parameter, and the weights,
 optimizer state and checkpoint agree with ``cli.py plan`` within 10 %. Any failure exits non-zero.
 """
 
@@ -279,7 +279,7 @@ def check_plan(args, run_dir: Path, ckpt: Path, ckpt_bytes: int) -> list[str]:
     cfg = load_config(TrainConfig, run_dir / "config.yaml")
     plan = plan_for_config(cfg, gpus=1, on_gpu=False)
     index = json.loads((llm_dir(args) / "model.safetensors.index.json").read_text())
-    optim = sum(p.stat().st_size for p in ckpt.rglob("*optim_states.pt"))
+    optim = (ckpt / "trainable_state.pt").stat().st_size
     rows = []
     for what, measured, planned in (
         ("frozen weights (LLM, bf16)", index["metadata"]["total_size"], plan.frozen_weights),
@@ -396,8 +396,8 @@ def main() -> None:
     n_params = sum(v.numel() for v in sd.values())
     check(all(v.dtype == torch.float32 for v in sd.values()), "export tensors fp32")
     check(n_params == psi, f"export holds {n_params:,} trainable parameters")
-    ratio = ckpt_bytes / (16 * n_params)
-    check(ratio <= 1.1, f"checkpoint {ckpt_bytes / 1e6:.1f} MB = {ratio:.3f} x 16 B x trainable params")
+    ratio = ckpt_bytes / (12 * n_params)
+    check(ratio <= 1.1, f"checkpoint {ckpt_bytes / 1e6:.1f} MB = {ratio:.3f} x 12 B x trainable params")
     plan_rows = check_plan(args, run_dir, ckpt, ckpt_bytes)
 
     shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
@@ -444,7 +444,7 @@ def main() -> None:
             f"{x['params']:,} params {x['dtypes']}, RSS {x['rss_gib']:.2f} GiB"
         )
     print(f"losses {uninterrupted}; step 4 resumed {resumed[4]} (|diff| {diff:.2e})")
-    print(f"checkpoint step 3: {ckpt_bytes:,} B = {ratio:.3f} x 16 B x {n_params:,} trainable params")
+    print(f"checkpoint step 3: {ckpt_bytes:,} B = {ratio:.3f} x 12 B x {n_params:,} trainable params")
     print("\n| part | measured | plan | ratio |\n|---|---|---|---|")
     print("\n".join(plan_rows))
     caption = [ln for ln in out.splitlines() if ln.strip() and "WARNING" not in ln][-1:]

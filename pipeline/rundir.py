@@ -10,14 +10,16 @@
       report/                     cli.py report's HTML + PNG                     REPORT
       mlflow.db  mlartifacts/     the default MLflow store and its artifacts    MLFLOW_DB, MLFLOW_ARTIFACTS
       mlflow_run_id               the MLflow run a resumed job continues        MLFLOW_RUN_ID
+      keys.jsonl                  data.log_keys: each step's sample keys        KEYS
       .lock                       held by the running job (pipeline.folderlock)  LOCK_FILE there
       COMPLETE                    written after the final export: the run      COMPLETE
                                   finished (step, loss, the export's SHA-256s)
       checkpoints/step_00001000/  CHECKPOINTS / checkpoint_tag(step)
-          train_state_rank0.json  this rank's TrainState + RNG                  train_state_file(rank)
+          train_state.json        the TrainState (step, data position, ...)     TRAIN_STATE
+          trainable_state.pt      fp32 master weights + Adam moments, whole     TRAINABLE_STATE
           export/                 trainable-only export                         EXPORT
           COMPLETE                written last: the checkpoint is usable        COMPLETE
-          (DeepSpeed's files)
+          (before elastic resume: train_state_rank{R}.json + DeepSpeed's files, train_state_file(rank))
       export/                     the final export
 
 An export folder (``RUN/export``, ``step_N/export``, or any ``cli.py convert`` output) holds
@@ -40,6 +42,9 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 EXPORT = "export"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
+TRAIN_STATE = "train_state.json"
+TRAINABLE_STATE = "trainable_state.pt"
+KEYS = "keys.jsonl"  # data.log_keys: each step's sample keys
 
 
 def checkpoint_tag(step: int) -> str:
@@ -48,4 +53,5 @@ def checkpoint_tag(step: int) -> str:
 
 
 def train_state_file(rank: int) -> str:
+    """A checkpoint written before elastic resume: one train state per rank."""
     return f"train_state_rank{rank}.json"

@@ -309,11 +309,89 @@ def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
         str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
     )
     for s in dataset:
-        sample = {"key": s["__key__"], "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
-        for n in ("frames", "features"):
-            if f"{n}.npy" in s:
-                sample[n] = np.load(io.BytesIO(s[f"{n}.npy"]), allow_pickle=False)
-        yield sample
+        yield _tar_sample(s["__key__"], s)
+
+
+def _tar_sample(key: str, files: dict[str, bytes]) -> dict[str, Any]:
+    sample = {"key": key, "caption": files["txt"].decode(), "meta": json.loads(files["json"])}
+    for n in ("frames", "features"):
+        if f"{n}.npy" in files:
+            sample[n] = np.load(io.BytesIO(files[f"{n}.npy"]), allow_pickle=False)
+    return sample
+
+
+class ShardFile:
+    """Random access to one shard's samples: ``shard.sample(i)`` reads sample ``i`` alone (the same dict
+    as :func:`read_shard` yields). Arrow: the record batch holding it, memory-mapped. Tar: an index of
+    member offsets made once from the headers (the data is seeked over), then one seek per member, grouped
+    by key as webdataset groups them (the file name up to its first dot). A sample past a damaged part
+    raises ``tarfile.ReadError``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._error: str | None = None
+        if self.path.suffix == ".arrow":
+            self._src = pa.memory_map(str(self.path))
+            self._reader = pa.ipc.open_file(self._src)
+            rows = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
+            self._starts = np.cumsum([0, *rows])
+            self._n = int(self._starts[-1])
+            return
+        import tarfile
+
+        self._samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        size = self.path.stat().st_size
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    folder, _, name = m.name.rpartition("/")
+                    base, _, ext = name.partition(".")
+                    key = f"{folder}/{base}" if folder else base
+                    if not self._samples or self._samples[-1][0] != key:
+                        self._samples.append((key, {}))
+                    self._samples[-1][1][ext] = (m.offset_data, m.size)
+        except tarfile.TarError as e:
+            self._error = str(e) or "unreadable tar"
+        if self._samples and any(o + n > size for o, n in self._samples[-1][1].values()):
+            self._samples.pop()  # its data is cut short
+            self._error = self._error or "unexpected end of data"
+        self._n = len(self._samples)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (kept open for the reads; closed in close())
+
+    def __len__(self) -> int:
+        return self._n
+
+    def sample(self, i: int) -> dict[str, Any]:
+        if i >= self._n:
+            import tarfile
+
+            raise tarfile.ReadError(self._error or f"{self.path.name} holds {self._n} samples, not {i + 1}")
+        if self.path.suffix == ".arrow":
+            b = int(np.searchsorted(self._starts, i, side="right")) - 1
+            row = self._reader.get_batch(b).slice(i - int(self._starts[b]), 1)
+            sample = {
+                "key": row.column("key")[0].as_py(),
+                "caption": row.column("caption")[0].as_py(),
+                "meta": json.loads(row.column("meta")[0].as_py()),
+            }
+            for n in ("frames", "features"):
+                if n in row.schema.names:
+                    sample[n] = row.column(n).to_numpy_ndarray()[0]
+            return sample
+        key, members = self._samples[i]
+        files = {}
+        for ext, (offset, size) in members.items():
+            self._file.seek(offset)
+            files[ext] = self._file.read(size)
+        return _tar_sample(key, files)
+
+    def close(self) -> None:
+        if self.path.suffix == ".arrow":
+            self._src.close()
+        else:
+            self._file.close()
 
 
 def first_view(x: np.ndarray, kind: str) -> np.ndarray:

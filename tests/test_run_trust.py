@@ -88,7 +88,7 @@ def test_nonfinite_step_stops_without_a_checkpoint_and_skip_budget(frame_shards,
     assert names == ["step_00000001", "step_00000002"]  # the skipped step left the weights as they were
     one, two = (load_file(run_dir / "checkpoints" / n / "export" / "trainable.safetensors") for n in names)
     assert all(torch.equal(one[k], two[k]) for k in one)
-    state = json.loads((run_dir / "checkpoints" / names[1] / "train_state_rank0.json").read_text())
+    state = json.loads((run_dir / "checkpoints" / names[1] / "train_state.json").read_text())
     assert state["skipped"]["nonfinite"] == 1
 
 

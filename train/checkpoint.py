@@ -1,22 +1,29 @@
-"""Checkpoints: a few functions around the DeepSpeed engine checkpoint.
+"""Checkpoints: the training state as named plain data, loadable on any number of processes.
 
 ``RUN_DIR/checkpoints/step_00001000/`` holds
 
-* the DeepSpeed checkpoint without frozen weights (trainable params + ZeRO optimizer partitions): with a
-  7B LLM that is ~22M parameters' worth of weights and Adam state, not 7B;
-* ``train_state_rank{R}.json``: this rank's :class:`TrainState` (step, samples seen, data cursors, skip
-  counters, world size) and RNG states, as plain JSON;
+* ``train_state.json``: the :class:`TrainState` (step, samples seen, the global data position: samples
+  consumed per dataset, the global batch, skip counters) and rank 0's RNG states, as plain JSON;
+* ``trainable_state.pt``: the trainable parameters' fp32 master weights and Adam moments, whole (gathered
+  from the ZeRO partitions, not per rank) and the Adam step count: with a 7B LLM ~22M parameters' worth,
+  12 B each; frozen weights are not saved;
 * ``export/``: the trainable-only export (``pipeline.weights.export_trainable``) that inference and
   stage 2 load;
 * ``COMPLETE``: written last, after every rank finished, with the size and SHA-256 of every other file
   of the checkpoint; a checkpoint without it is ignored (a run killed while saving resumes from the
   previous one).
 
+Nothing in it depends on the world size: a resume on other ranks re-partitions the optimizer state
+(:func:`load`) and continues the global data order at the stored position (train.data).
+
 A resume checks the newest complete checkpoint's files first (:func:`resume_point`): one damaged after it
-was written (a truncated optimizer state or train-state JSON, a missing model-state file, bytes that
-differ from those saved: ``torch.load`` reads a flipped byte inside a tensor without complaint) is set
-aside as ``checkpoints/broken_step_N`` with a warning and the previous intact one is used; with none
-intact the run stops with one line naming the broken file.
+was written (a truncated trainable state or train-state JSON, bytes that differ from those saved:
+``torch.load`` reads a flipped byte inside a tensor without complaint) is set aside as
+``checkpoints/broken_step_N`` with a warning and the previous intact one is used; with none intact the
+run stops with one line naming the broken file.
+
+Checkpoints written before this format (``train_state_rank{R}.json`` + DeepSpeed's ZeRO files, per-rank
+data cursors) are refused in one line (:func:`read_state`): their data order cannot be continued.
 """
 
 from __future__ import annotations
@@ -36,21 +43,34 @@ import torch
 
 from pipeline.config import ConfigError, out_of_space
 from pipeline.distributed import barrier
-from pipeline.rundir import CHECKPOINTS, COMPLETE, EXPORT, TRAINABLE_WEIGHTS, checkpoint_tag, train_state_file
+from pipeline.rundir import (
+    CHECKPOINTS,
+    COMPLETE,
+    EXPORT,
+    TRAIN_STATE,
+    TRAINABLE_STATE,
+    TRAINABLE_WEIGHTS,
+    checkpoint_tag,
+    train_state_file,
+)
 from pipeline.shards import write_json
 from pipeline.weights import nonfinite_tensors, sha256_file
+
+FORMAT = 2  # 1: per-rank train states and DeepSpeed ZeRO partitions (before elastic resume)
 
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs besides the engine's weights and optimizer, for one rank."""
+    """Everything a resumed run needs besides the trainable weights and optimizer; the same on all ranks."""
 
     step: int = 0  # optimizer steps done
     samples_seen: int = 0  # all ranks
-    cursors: list[dict[str, Any]] = field(default_factory=list)  # per loader worker of this rank (train.data)
-    world_size: int = 1  # resuming needs the same number of processes (cursors, ZeRO partitions)
+    consumed: list[int] = field(default_factory=list)  # global data position: samples consumed per dataset
+    global_batch: int = 0  # micro_batch x grad_accum x world of the run's first start; kept on any world
+    world_size: int = 1  # of the process that saved (a resume may have another)
     # all ranks: unusable samples, conversations too long, steps with a non-finite loss or gradient
     skipped: dict[str, int] = field(default_factory=lambda: {"errors": 0, "too_long": 0, "nonfinite": 0})
+    format: int = FORMAT
 
 
 def rng_state() -> dict[str, Any]:
@@ -141,30 +161,21 @@ def _changed_files(path: Path, skip: set[str]) -> list[str]:
 def problems(path: str | Path) -> list[str]:
     """What is missing or damaged in a complete checkpoint (empty: it can be resumed from)."""
     path = Path(path)
-    try:
-        world = int(json.loads((path / train_state_file(0)).read_text()).get("world_size", 1))
-    except (OSError, ValueError, AttributeError) as e:
-        return [f"{path / train_state_file(0)} is missing or not valid JSON ({type(e).__name__})"]
+    if not (path / TRAIN_STATE).exists() and (path / train_state_file(0)).exists():
+        return []  # written before elastic resume: read_state refuses it in one line
     found, reported = [], set()  # reported: files with a problem already named (no second line for them)
-    for rank in range(1, world):
-        try:
-            json.loads((path / train_state_file(rank)).read_text())
-        except (OSError, ValueError) as e:
-            found.append(f"{path / train_state_file(rank)} is missing or not valid JSON ({type(e).__name__})")
-            reported.add(train_state_file(rank))
-    torch_files = [("model states", "mp_rank_00_model_states.pt")]
-    torch_files += [
-        ("optimizer state", f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in range(world)
-    ]
-    for what, pattern in torch_files:
-        matches = sorted(path.glob(pattern))
-        if not matches:
-            found.append(f"{path / pattern} ({what}) is missing")
-            reported.add(pattern)
-        for f in matches:
-            if msg := _torch_file_problem(f):
-                found.append(msg)
-                reported.add(f.relative_to(path).as_posix())
+    try:
+        json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, ValueError) as e:
+        found.append(f"{path / TRAIN_STATE} is missing or not valid JSON ({type(e).__name__})")
+        reported.add(TRAIN_STATE)
+    f = path / TRAINABLE_STATE
+    if not f.is_file():
+        found.append(f"{f} (trainable weights and optimizer state) is missing")
+        reported.add(TRAINABLE_STATE)
+    elif msg := _torch_file_problem(f):
+        found.append(msg)
+        reported.add(TRAINABLE_STATE)
     return found + _changed_files(path, reported) + _nonfinite_weights(path)
 
 
@@ -220,9 +231,9 @@ def resume_point(run_dir: str | Path, rank: int) -> Path | None:
 def save(
     engine, run_dir: str | Path, state: TrainState, rank: int, export_fn=None, keep_last: int = 2
 ) -> Path:
-    """Collective: every rank calls it, with its own ``state``; the checkpoint is named by ``state.step``.
-    A full disk is one line naming the folder (torch.save says only ``unexpected pos``); the partial
-    checkpoint has no COMPLETE marker, so a resume ignores it."""
+    """Collective: every rank calls it; the checkpoint is named by ``state.step``. A full disk is one line
+    naming the folder (torch.save says only ``unexpected pos``); the partial checkpoint has no COMPLETE
+    marker, so a resume ignores it."""
     try:
         return _save(engine, run_dir, state, rank, export_fn, keep_last)
     except (OSError, RuntimeError) as e:
@@ -231,18 +242,81 @@ def save(
         raise
 
 
+def trainable_state(engine) -> dict[str, Any]:
+    """Collective: ``{"adam_step", "params", "exp_avg", "exp_avg_sq"}`` of the trainable parameters, whole
+    fp32 tensors by name on every rank (each gathered from the ZeRO partitions: one all-reduce each)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, Any] = {"format": FORMAT, "params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    base = engine.optimizer.optimizer
+    stepped = bool(base.state)  # Adam's moments exist after its first step (the same on every rank)
+    if stepped:  # DeepSpeed links the moments to the parameters after its first group's first step only
+        _relink_moments(engine.optimizer)
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        out["params"][name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = safe_get_full_optimizer_state(p, key) if stepped else None
+            out[key][name] = (value if value is not None else torch.zeros_like(p, dtype=torch.float32)).cpu()
+    steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+    out["adam_step"] = int(steps[0]) if steps else 0
+    return out
+
+
+def _relink_moments(zero) -> None:
+    """Point every parameter's optimizer-state fragments at the Adam moments as they are now. DeepSpeed
+    (0.19) links them once, right after the first param group's first step, when the other groups have
+    no moments yet: their fragments stay empty and ``safe_get_full_optimizer_state`` fails for them."""
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def set_trainable_state(engine, saved: dict[str, Any]) -> None:
+    """Collective: put whole fp32 master weights and Adam moments into this world's ZeRO partitions
+    (and the module's weights, in its dtype). Missing or extra names are refused in one line."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise ConfigError("resume: the trainable state loads into ZeRO stage 1 or 2 only (zero_config)")
+    named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    if set(named) != set(saved["params"]):
+        theirs, ours = set(saved["params"]), set(named)
+        raise ConfigError(
+            f"resume: the checkpoint's trainable parameters differ from the model's (only in the checkpoint: "
+            f"{sorted(theirs - ours)[:3]}, only in the model: {sorted(ours - theirs)[:3]})"
+        )
+    base = zero.optimizer
+    for flat in zero.single_partition_of_fp32_groups:  # Adam's state exists after a first step only
+        base.state[flat] = {
+            "step": torch.tensor(float(saved["adam_step"])),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    _relink_moments(zero)
+    with torch.no_grad():
+        for name, p in named.items():
+            value = saved["params"][name].to(p.device)
+            p.data.copy_(value.to(p.dtype))
+            safe_set_full_fp32_param(p, value)
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, saved[key][name].to(p.device), key)
+
+
 def _save(engine, run_dir: str | Path, state: TrainState, rank: int, export_fn, keep_last: int) -> Path:
     step = state.step
     root = Path(run_dir) / CHECKPOINTS
     path = root / checkpoint_tag(step)
-    path.mkdir(parents=True, exist_ok=True)
     rng = rng_state()
-    write_json({**asdict(state), "rng": rng}, path / train_state_file(rank))
-    engine.save_checkpoint(
-        str(root), tag=checkpoint_tag(step), save_latest=False, exclude_frozen_parameters=True
-    )
-    if rank == 0 and export_fn is not None:
-        export_fn(path / EXPORT)
+    whole = trainable_state(engine)  # collective
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json({**asdict(state), "rng": rng}, path / TRAIN_STATE)
+        torch.save(whole, path / TRAINABLE_STATE)
+        if export_fn is not None:
+            export_fn(path / EXPORT)
+    del whole
     barrier()
     if rank == 0:
         write_json({"step": step, "files": file_digests(path)}, path / COMPLETE)
@@ -256,27 +330,29 @@ def _save(engine, run_dir: str | Path, state: TrainState, rank: int, export_fn, 
     return path
 
 
-def load(engine, path: str | Path, rank: int, world_size: int) -> TrainState:
-    """Restore engine (trainable weights + optimizer) and this rank's RNG; returns its train state."""
+def read_state(path: str | Path) -> TrainState:
+    """The train state of a checkpoint; one written before elastic resume is refused in one line."""
     path = Path(path)
-    state_file = path / train_state_file(rank)
-    if not state_file.is_file():
-        raise RuntimeError(f"{path} has no state for rank {rank}: resume with the same number of processes")
-    state = json.loads(state_file.read_text())
-    if state.get("world_size", world_size) != world_size:
-        raise RuntimeError(
-            f"{path} was written by {state['world_size']} processes, this run has {world_size}: "
-            "resume with the same number of processes (the data cursors and ZeRO partitions are per rank)"
+    if not (path / TRAIN_STATE).is_file() and (path / train_state_file(0)).is_file():
+        raise ConfigError(
+            f"checkpoint {path} was written before elastic resume (per-rank data cursors and ZeRO "
+            "partitions, train_state_rank*.json): this version cannot continue its data order; finish the "
+            "run with the version that wrote it, or start a new run_dir with "
+            f"init_from={path / EXPORT} to keep its weights"
         )
-    engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_module_strict=False,  # the frozen weights are not in it by design
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,  # the lr is set from the step every step
-    )
-    set_rng_state(state.pop("rng"))
+    state = json.loads((path / TRAIN_STATE).read_text())
     return TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
+
+
+def load(engine, path: str | Path) -> TrainState:
+    """Collective: restore the trainable weights, Adam state and RNG (rank 0's, on every rank); returns
+    the train state. Works on any number of processes."""
+    path = Path(path)
+    state = read_state(path)
+    saved = torch.load(path / TRAINABLE_STATE, map_location="cpu", weights_only=True)
+    set_trainable_state(engine, saved)
+    set_rng_state(json.loads((path / TRAIN_STATE).read_text())["rng"])
+    return state
 
 
 def checkpoint_bytes(path: str | Path, include_export: bool = False) -> int:

@@ -21,9 +21,10 @@ from pipeline.rundir import CONFIG
 from pipeline.tracking import flatten
 
 # Keys a rerun of an existing run (same run_dir) may change; any other difference is refused, because the
-# checkpoint, the data cursors and the MLflow params all belong to the settings the run started with.
-# They change how long it runs, how often it saves/logs/validates, where it is (a copied folder), and
-# the loader's prefetch depth; none changes what a step computes.
+# checkpoint, the data position and the MLflow params all belong to the settings the run started with.
+# They change how long it runs, how often it saves/logs/validates, where it is (a copied folder), the
+# loader's workers and prefetch depth, and whether sample keys are logged; none changes what a step
+# computes. The world size (GPUs, nodes) is not a setting: it may change too (see elastic_batch).
 RESUMABLE_KEYS = (
     "run_dir",
     "max_steps",
@@ -33,6 +34,8 @@ RESUMABLE_KEYS = (
     "log_every",
     "run_name",
     "data.prefetch",
+    "data.workers",  # the global data order does not depend on them
+    "data.log_keys",
     "optim.skip_nonfinite",  # a run stopped at a non-finite step is rerun with a skip budget
     "eval.",  # validation only reads the model
 )
@@ -71,10 +74,16 @@ class DataConfig:
     max_error_rate: float = 0.01
     workers: int = 2  # DataLoader workers per rank (0: load in the training process)
     prefetch: int = 2
-    seed: int | None = None  # shard order; default: the run seed
+    seed: int | None = None  # sample order; default: the run seed
+    # shards whose samples are shuffled together in an epoch (train.data.GlobalOrder): a global batch
+    # draws from up to this many shards; 1: each shard in file order
+    shuffle_block: int = 8
     # the output of a preprocess job that did not finish (_plan.arrow, _staging/, no summary.json) is
     # refused; true trains on the shards it has, with a warning
     allow_unfinished: bool = False
+    # write each step's sample keys (the whole global batch, in order) to RUN/keys.jsonl: a user can check
+    # on their cluster that a resume on another topology trains the same batches
+    log_keys: bool = False
 
     def specs(self) -> list[DatasetSpec]:
         """The datasets to mix, each with its frame count resolved."""
@@ -118,7 +127,9 @@ class TrainConfig:
     init_from: str | None = None  # trainable-weights export or Video-LLaMA .pth to start from
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch: int = 32  # per rank per forward
+    # per rank per forward; global batch = micro_batch x grad_accum x world size of the run's first start,
+    # kept on any later world size (elastic_batch adjusts grad_accum, and micro_batch if it must)
+    micro_batch: int = 32
     grad_accum: int = 1
     max_steps: int | None = None  # optimizer steps; else epochs x steps_per_epoch
     epochs: int = 5
@@ -150,6 +161,8 @@ class TrainConfig:
             raise ConfigError("data.datasets[].weight: weights must be > 0")
         if not 0 <= self.data.max_error_rate <= 1:
             raise ConfigError("data.max_error_rate: a fraction in 0..1")
+        if self.data.shuffle_block < 1:
+            raise ConfigError("data.shuffle_block must be >= 1 (shards shuffled together)")
         if self.data.workers < 0 or self.data.prefetch < 1:
             raise ConfigError(
                 "data.workers must be >= 0 (0: load in the training process), data.prefetch >= 1"
@@ -195,6 +208,21 @@ class TrainConfig:
         return {**data, "model": {**dataclasses.asdict(preset(name)), **model}}
 
 
+def elastic_batch(global_batch: int, micro_batch: int, world: int) -> tuple[int, int]:
+    """(micro-batch, grad accumulation) that keep ``global_batch`` on ``world`` processes: the configured
+    micro-batch if it divides the share of a process, else the largest smaller one that does (memory never
+    grows). Refuses in one line naming the world sizes that would keep it."""
+    share, rest = divmod(global_batch, world)
+    if rest == 0:
+        micro = next(m for m in range(min(micro_batch, share), 0, -1) if share % m == 0)
+        return micro, share // micro
+    fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+    raise ConfigError(
+        f"resume: the run's global batch of {global_batch} samples cannot be split over {world} processes; "
+        f"world sizes that keep it: {', '.join(map(str, fits))}"
+    )
+
+
 def missing_paths(cfg: TrainConfig) -> list[str]:
     """The files and folders ``cfg`` names that do not exist (``train --dry-run``): one line each."""
     named: dict[str, str | None] = {
@@ -233,5 +261,5 @@ def check_rerun(cfg: TrainConfig, run_dir: str | Path) -> None:
         raise ConfigError(
             f"run_dir {str(run_dir)!r} holds a run with other settings ({diff}); a rerun continues it, so "
             f"only {', '.join(k.rstrip('.') + ('*' if k.endswith('.') else '') for k in RESUMABLE_KEYS)} "
-            "may change: use another run_dir for new settings"
+            "may change (and the number of GPUs and nodes): use another run_dir for new settings"
         )

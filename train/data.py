@@ -1,41 +1,42 @@
-"""The training stream: shards -> per-(rank, worker) sample streams -> one-dataset batches.
+"""The training stream: one global sample order, sliced over ranks and loader workers.
 
-Exact resume needs a cursor that is plain data, so the order is fixed by the seed alone:
+The order is a pure function of the seed, the epoch, each dataset's shard list and sizes, and the mixture
+weights (``GlobalOrder``, ``dataset_choice``), never of the ranks or the workers:
 
-1. every epoch shuffles each dataset's shard list with ``rng(seed, epoch)``;
-2. rank r, DataLoader worker w reads shards ``order[slot::num_slots]`` (slot = r * workers + w), samples
-   in file order, epoch after epoch (an endless stream; the run length is counted in steps);
-3. each batch comes from one dataset drawn by weight with ``rng(seed, slot, batch number)``; datasets may
-   differ in frames per clip (images are 1-frame clips), a batch never mixes them.
+1. dataset ``d``'s positions 0, 1, 2, ... run over its epochs: epoch ``e`` takes its shards in
+   ``epoch_order(seed + 7919 d, e)``, in blocks of ``data.shuffle_block`` shards whose samples are
+   permuted together (``GlobalOrder``; read by random access, ``pipeline.shards.ShardFile``);
+2. global step ``s`` draws one dataset with ``rng(seed, 1, s)`` (a batch never mixes datasets, which may
+   differ in frames per clip; images are 1-frame clips) and takes its next ``global_batch = micro_batch x
+   grad_accum x world`` positions;
+3. that slice is cut into micro-batches of ``micro_batch``; rank ``r`` trains micro-batches ``r *
+   grad_accum .. (r + 1) * grad_accum - 1``; its loader workers take turns (``TrainStream``).
 
-Samples that cannot be used are skipped in the slot's own sample stream, before batching, and counted:
-``errors`` (unreadable or incomplete samples) and ``too_long`` (conversations whose prompt cannot fit
-``data.max_len`` without cutting the video block or every answer). Every batch still has ``micro_batch``
-samples, so ranks never disagree about batches, and the cursor counts skipped samples too.
+The position a checkpoint stores is a few integers: the step and the positions consumed per dataset
+(the epoch is ``consumed // size``). Any world size or worker count continues from it, and the global
+batch of every later step holds the same samples.
+
+Samples that cannot be used are counted and replaced by a spare drawn from the dataset by the seed and
+the position (``GlobalOrder.spare``): ``errors`` (unreadable or incomplete samples) and ``too_long``
+(conversations whose prompt cannot fit ``data.max_len`` without cutting the video block or every answer).
+Every micro-batch still has ``micro_batch`` samples, so ranks never disagree about batches.
+
+Augmentation (view of K, crop) and the instruction of a caption-only sample are drawn with
+``rng(seed, tag, dataset, position[, try])``: keyed by the sample's visit, not by who reads it.
 
 Text, by ``data.task`` (pipeline.prompts builds ids and labels):
 
 * ``caption``: stage 1, ``[BOS] <ImageHere>*32 caption``;
 * ``conversation``: stage 2 in ``data.template`` style. Samples with ``meta["conversations"]`` (LLaVA,
   VideoChat) use those turns, labelled by ``data.label_mask``; caption-only samples (cc_sbu_align) take
-  the original's ``prompt_wrap`` form: an instruction drawn with ``rng(seed, slot, batch, row)`` from
-  ``CAPTION_INSTRUCTIONS`` and the raw caption, as MiniGPT-4 / Video-LLaMA trained them. 1-frame
-  samples are images (``<Image>`` block); videos get the ``<Video>`` block and the frame-timestamp
-  message from ``meta["timestamps"]``.
-
-The cursor of a slot is ``{"batches": n, "samples": [samples consumed per dataset]}``; a restarted
-stream skips that many samples (whole shards by their counts from ``index.parquet``, then within one
-shard) and continues exactly where the stopped run was. Each batch carries its slot and the cursor
-after it, so the training loop only keeps the latest cursor per slot.
-
-DataLoader hands out batches from workers 0, 1, ... in turn, so after ``n`` batches the next one is
-due from worker ``n % workers``: a restarted loader rotates worker ids by that offset.
+  the original's ``prompt_wrap`` form: a seeded instruction from ``CAPTION_INSTRUCTIONS`` and the raw
+  caption, as MiniGPT-4 / Video-LLaMA trained them. 1-frame samples are images (``<Image>`` block);
+  videos get the ``<Video>`` block and the frame-timestamp message from ``meta["timestamps"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from pipeline.prompts import (
 from pipeline.shards import (
     INDEX_FILE,
     SAMPLE_NDIM,
+    ShardFile,
     inspect_shards,
     list_shards,
     read_shard,
@@ -160,42 +162,93 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
 
 
-def slot_samples(
-    shards: list[tuple[str, int]], slot: int, num_slots: int, seed: int, skip: int = 0
-) -> Iterator[dict[str, Any]]:
-    """Endless samples of one dataset for one slot, after skipping ``skip``. Each carries the path of its
-    shard (``shard``); a position that could not be read is ``{"shard", "unreadable": message}``."""
-    if len(shards) < num_slots:
-        raise ConfigError(
-            f"{len(shards)} shards cannot feed {num_slots} streams (ranks x data.workers): "
-            "use fewer data.workers or preprocess with a smaller --samples-per-shard"
-        )
-    if sum(n for _, n in shards) == 0:
-        raise ConfigError("data: the shard set holds no samples")
-    for epoch in itertools.count():
-        for i in epoch_order(len(shards), seed, epoch)[slot::num_slots]:
-            path, count = shards[i]
-            if skip >= count:
-                skip -= count
-                continue
-            yielded, message = 0, "fewer samples than its index lists"
-            try:
-                for sample in itertools.islice(read_shard(path), skip, count):
-                    yielded += 1
-                    yield {**sample, "shard": path}
-            except Exception as e:  # a corrupt shard: its remaining positions count as errors
-                text = str(e.args[0] if e.args else e).splitlines()  # tarfile packs (text, file, path)
-                message = f"{type(e).__name__}: {text[0][:200] if text else ''}"
-            for _ in range(count - skip - yielded):
-                yield {"shard": path, "unreadable": message}
-            skip = 0
+class GlobalOrder:
+    """One dataset's global sample order: position ``p`` (0, 1, 2, ... over all epochs) -> (shard, index in
+    the shard). Epoch ``e = p // size`` takes the shards in ``epoch_order(seed, e)``, cuts that list into
+    blocks of ``block`` shards and permutes the samples of each block with ``rng(seed, e, block number)``:
+    consecutive positions (one global batch) come from up to ``block`` shards, while a reader needs only
+    one block's shards at a time. ``block=1``: each shard in file order. A pure function of the seed and the shard list with its counts: no
+    rank, no worker."""
+
+    def __init__(self, shards: list[tuple[str, int]], seed: int, block: int = 8):
+        if sum(n for _, n in shards) == 0:
+            raise ConfigError("data: the shard set holds no samples")
+        self.shards, self.seed, self.block = shards, seed, max(block, 1)
+        self.size = sum(n for _, n in shards)
+        self._epoch: int | None = None
+        self._blocks: list[list[int]] = []
+        self._block_starts = np.zeros(1, dtype=np.int64)
+        self._perm_key: tuple[int, int] | None = None
+        self._perm = np.zeros(0, dtype=np.int64)
+        self._flat = np.cumsum([0] + [n for _, n in shards])  # file-list order, for spare draws
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(shard number in the list, sample index in that shard) of global position ``pos``."""
+        epoch, offset = divmod(pos, self.size)
+        if epoch != self._epoch:
+            order = [i for i in epoch_order(len(self.shards), self.seed, epoch) if self.shards[i][1]]
+            self._blocks = [order[k : k + self.block] for k in range(0, len(order), self.block)]
+            sizes = [sum(self.shards[i][1] for i in blk) for blk in self._blocks]
+            self._block_starts = np.cumsum([0, *sizes])
+            self._epoch = epoch
+        b = int(np.searchsorted(self._block_starts, offset, side="right")) - 1
+        k = offset - int(self._block_starts[b])
+        if self.block > 1:  # 1: each shard in file order
+            if self._perm_key != (epoch, b):
+                n = int(self._block_starts[b + 1] - self._block_starts[b])
+                self._perm = np.random.default_rng([self.seed, 8, epoch, b]).permutation(n)
+                self._perm_key = (epoch, b)
+            k = int(self._perm[k])
+        for i in self._blocks[b]:
+            if k < self.shards[i][1]:
+                return i, k
+            k -= self.shards[i][1]
+        raise AssertionError("unreachable: k < block size")
+
+    def spare(self, pos: int, attempt: int) -> tuple[int, int]:
+        """The sample that stands in for the unusable one at ``pos`` (its ``attempt``-th try): drawn from
+        the whole dataset by the seed, the position and the try, so every topology draws the same."""
+        n = int(np.random.default_rng([self.seed, 5, pos, attempt]).integers(self.size))
+        i = int(np.searchsorted(self._flat, n, side="right")) - 1
+        return i, n - int(self._flat[i])
 
 
-def dataset_choice(weights: list[float], seed: int, slot: int, batch: int) -> int:
+class ShardReader:
+    """Samples by (shard, index) for one loader worker, by random access (``ShardFile``), the last
+    ``keep`` shards kept open. A sample that cannot be read is ``{"unreadable": message}``."""
+
+    def __init__(self, shards: list[tuple[str, int]], keep: int = 16):
+        self.shards, self.keep = shards, keep
+        self.open: dict[str, ShardFile] = {}
+
+    def get(self, i: int, index: int) -> dict[str, Any]:
+        path, _ = self.shards[i]
+        try:
+            if path not in self.open:
+                if len(self.open) >= self.keep:
+                    self.open.pop(next(iter(self.open))).close()
+                self.open[path] = ShardFile(path)
+            self.open[path] = f = self.open.pop(path)  # most recently used last
+            return {**f.sample(index), "shard": path}
+        except Exception as e:  # a corrupt shard or sample: counted as an error
+            text = str(e.args[0] if e.args else e).splitlines()  # tarfile packs (text, file, path)
+            return {"shard": path, "unreadable": f"{type(e).__name__}: {text[0][:200] if text else ''}"}
+
+
+def dataset_choice(weights: list[float], seed: int, step: int) -> int:
+    """The dataset of global step ``step`` (a global batch comes from one dataset): the mixture state is
+    the step number alone."""
     if len(weights) == 1:
         return 0
     p = np.asarray(weights, dtype=np.float64) / sum(weights)
-    return int(np.random.default_rng([seed, 1, slot, batch]).choice(len(p), p=p))
+    return int(np.random.default_rng([seed, 1, step]).choice(len(p), p=p))
+
+
+def advance(consumed: list[int], weights: list[float], seed: int, step: int, global_batch: int) -> list[int]:
+    """The global data position after step ``step``: its dataset consumed ``global_batch`` more positions."""
+    after = list(consumed)
+    after[dataset_choice(weights, seed, step)] += global_batch
+    return after
 
 
 def _turns(conversations: Any) -> list[tuple[str, str]]:
@@ -209,7 +262,13 @@ def _turns(conversations: Any) -> list[tuple[str, str]]:
 
 
 class TrainStream(IterableDataset):
-    """Batches for one rank. ``cursors[w]`` is logical worker w's cursor; ``offset`` rotates worker ids."""
+    """This rank's micro-batches from step ``start_step`` on, the datasets' global positions at ``consumed``.
+
+    Global step ``s`` takes ``global_batch = micro_batch x grad_accum x world_size`` consecutive positions
+    of one dataset's :class:`GlobalOrder` (``dataset_choice``). Its micro-batch ``j`` is the positions
+    ``[j * micro_batch, (j + 1) * micro_batch)`` of that slice; rank ``r`` computes ``j = r * grad_accum
+    + a`` for its ``a``-th micro-batch of the step; DataLoader worker ``w`` of ``W`` makes the rank's
+    micro-batches ``k`` with ``k % W == w`` (the loader hands them out in that order)."""
 
     def __init__(
         self,
@@ -222,10 +281,11 @@ class TrainStream(IterableDataset):
         max_caption_tokens: int,
         rank: int,
         world_size: int,
-        workers: int,
         seed: int,
-        cursors: list[dict[str, Any]] | None = None,
-        offset: int = 0,
+        grad_accum: int = 1,
+        shuffle_block: int = 8,
+        start_step: int = 0,
+        consumed: list[int] | None = None,
         task: str = "caption",
         template: str | None = None,
         max_len: int = 512,
@@ -238,19 +298,22 @@ class TrainStream(IterableDataset):
         self.random_crop = random_crop and kind == "frames"
         if task == "conversation" and template is None:
             raise ConfigError("data.template: conversation training needs 'vicuna' or 'llama2'")
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
-        self.seed, self.offset = seed, offset
-        empty = {"batches": 0, "samples": [0] * len(datasets)}
-        self.cursors = cursors or [dict(empty) for _ in range(self.workers)]
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.seed, self.start_step, self.shuffle_block = seed, start_step, shuffle_block
+        self.consumed = list(consumed) if consumed is not None else [0] * len(datasets)
 
-    def _view(self, x: np.ndarray, slot: int, batch: int, row: int) -> int | None:
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def _view(self, x: np.ndarray, visit: tuple[int, ...]) -> int | None:
         """Which of K preprocessed views (augmentation) to use, drawn from the seed: the same after a
         restart. None when the sample holds one view."""
         if x.ndim == SAMPLE_NDIM[self.kind]:
             return None
-        return int(np.random.default_rng([self.seed, 2, slot, batch, row]).integers(len(x)))
+        return int(np.random.default_rng([self.seed, 2, *visit]).integers(len(x)))
 
-    def _caption_text(self, sample: dict[str, Any], modality: str, slot: int, batch: int, row: int):
+    def _caption_text(self, sample: dict[str, Any], modality: str, visit: tuple[int, ...]):
         """cc_sbu_align & co. in stage 2: the original's prompt_wrap form with a seeded instruction and
         the raw caption (the original's cc_sbu_align dataset did not clean it)."""
         raw = (sample.get("meta") or {}).get("caption_raw")
@@ -258,7 +321,7 @@ class TrainStream(IterableDataset):
         if not caption:
             return "error"
         pool = CAPTION_INSTRUCTIONS[modality]
-        instruction = pool[int(np.random.default_rng([self.seed, 3, slot, batch, row]).integers(len(pool)))]
+        instruction = pool[int(np.random.default_rng([self.seed, 3, *visit]).integers(len(pool)))]
         prompt, end = instruction_prompt(self.template, modality, instruction)
         return caption_sample(
             self.tokenizer,
@@ -269,7 +332,7 @@ class TrainStream(IterableDataset):
             prompt=prompt,
         )
 
-    def _text(self, sample: dict[str, Any], x: np.ndarray, view: int | None, slot: int, batch: int, row: int):
+    def _text(self, sample: dict[str, Any], x: np.ndarray, view: int | None, visit: tuple[int, ...]):
         """ids + labels for one sample; "error" for an unusable sample, "too_long" for one that cannot fit."""
         n_video = self.mcfg.num_video_query_tokens
         if self.task == "caption":
@@ -285,7 +348,7 @@ class TrainStream(IterableDataset):
         modality = "image" if frames == 1 else "video"
         meta = sample.get("meta") or {}
         if "conversations" not in meta:
-            return self._caption_text(sample, modality, slot, batch, row)
+            return self._caption_text(sample, modality, visit)
         turns = _turns(meta["conversations"])
         message = ""
         if modality == "video":
@@ -309,68 +372,82 @@ class TrainStream(IterableDataset):
         )
         return "too_long" if text is None else text
 
-    def _prepare(self, sample: dict[str, Any], slot: int, batch: int, row: int):
+    def _prepare(self, sample: dict[str, Any], visit: tuple[int, ...]):
         """(TextSample, array) for a usable sample, else the reason it is skipped."""
         x = sample.get(self.kind)
         if x is None or x.ndim - SAMPLE_NDIM[self.kind] not in (0, 1):
             return "error"
-        view = self._view(x, slot, batch, row)
+        view = self._view(x, visit)
         x = x if view is None else x[view]
         if self.random_crop:  # drawn from the sample's place in the stream: the same after a restart
-            x = random_resized_crop(
-                x, np.random.default_rng([self.seed, 4, slot, batch, row]), self.mcfg.image_size
-            )
-        text = self._text(sample, x, view, slot, batch, row)
+            x = random_resized_crop(x, np.random.default_rng([self.seed, 4, *visit]), self.mcfg.image_size)
+        text = self._text(sample, x, view, visit)
         return text if isinstance(text, str) else (text, x)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        logical = ((info.id if info else 0) + self.offset) % self.workers
-        slot, num_slots = self.rank * self.workers + logical, self.world_size * self.workers
-        cursor = self.cursors[logical]
-        n, consumed = cursor["batches"], list(cursor["samples"])
-        streams = [
-            slot_samples(shards, slot, num_slots, self.seed + 7919 * d, skip=consumed[d])
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        orders = [
+            GlobalOrder(shards, self.seed + 7919 * d, self.shuffle_block)
             for d, (shards, _) in enumerate(self.datasets)
         ]
-        sizes = [sum(c for _, c in shards) for shards, _ in self.datasets]
+        readers = [ShardReader(shards) for shards, _ in self.datasets]
         weights = [w for _, w in self.datasets]
-        pad = self.tokenizer.pad_token_id
+        consumed, step, k = list(self.consumed), self.start_step, 0
         while True:
-            d = dataset_choice(weights, self.seed, slot, n)
-            texts: list[TextSample] = []
-            arrays: list[np.ndarray] = []
-            skipped = {"error": 0, "too_long": 0}
-            bad_shards: dict[str, str] = {}  # shard -> why its sample was skipped as an error
-            while len(texts) < self.micro_batch:
-                sample = next(streams[d])
-                got = self._prepare(sample, slot, n, len(texts))
-                consumed[d] += 1
-                if isinstance(got, str):
-                    skipped[got] += 1
-                    if got == "error":
-                        bad_shards[sample["shard"]] = sample.get("unreadable", "unusable sample")
-                    if sum(skipped.values()) > sizes[d]:
-                        raise RuntimeError(
-                            f"data.datasets[{d}]: no usable sample in a whole pass over its {sizes[d]} samples "
-                            f"({skipped['too_long']} too long for data.max_len={self.max_len}); "
-                            f"check data.task={self.task!r} against what the shards hold"
-                        )
-                    continue
-                texts.append(got[0])
-                arrays.append(got[1])
-            batch = collate(texts, pad)
-            batch[self.kind] = torch.from_numpy(np.stack(arrays))
-            n += 1
-            batch.update(
-                slot=logical,
-                dataset=d,
-                errors=skipped["error"],
-                bad_shards=bad_shards,
-                too_long=skipped["too_long"],
-                cursor={"batches": n, "samples": list(consumed)},
-            )
-            yield batch
+            d = dataset_choice(weights, self.seed, step)
+            for a in range(self.grad_accum):
+                if k % workers == worker:
+                    j = self.rank * self.grad_accum + a
+                    start = consumed[d] + j * self.micro_batch
+                    yield self._micro_batch(orders[d], readers[d], d, start, step, j)
+                k += 1
+            consumed = advance(consumed, weights, self.seed, step, self.global_batch)
+            step += 1
+
+    def _micro_batch(self, order: GlobalOrder, reader: ShardReader, d: int, start: int, step: int, j: int):
+        """Positions ``start .. start + micro_batch - 1`` of dataset ``d``. An unusable sample (unreadable,
+        or a conversation too long for ``data.max_len``) is counted and replaced by a spare drawn by
+        ``GlobalOrder.spare``, so every micro-batch holds ``micro_batch`` samples on every topology.
+        Augmentation keys on the visit ``(dataset, position[, try])``: the same whoever reads it."""
+        texts: list[TextSample] = []
+        arrays: list[np.ndarray] = []
+        keys: list[str] = []
+        skipped = {"error": 0, "too_long": 0}
+        bad_shards: dict[str, str] = {}  # shard -> why its sample was skipped as an error
+        for pos in range(start, start + self.micro_batch):
+            where, visit, attempt = order.locate(pos), (d, pos), 0
+            while True:
+                sample = reader.get(*where)
+                got = self._prepare(sample, visit)
+                if not isinstance(got, str):
+                    break
+                skipped[got] += 1
+                if got == "error":
+                    bad_shards[sample["shard"]] = sample.get("unreadable", "unusable sample")
+                attempt += 1
+                if attempt > order.size:
+                    raise RuntimeError(
+                        f"data.datasets[{d}]: no usable sample in {order.size} draws over its {order.size} "
+                        f"samples ({skipped['too_long']} too long for data.max_len={self.max_len}); "
+                        f"check data.task={self.task!r} against what the shards hold"
+                    )
+                where, visit = order.spare(pos, attempt), (d, pos, attempt)
+            texts.append(got[0])
+            arrays.append(got[1])
+            keys.append(f"{d}/{Path(sample['shard']).name}/{sample.get('key')}")
+        batch = collate(texts, self.tokenizer.pad_token_id)
+        batch[self.kind] = torch.from_numpy(np.stack(arrays))
+        batch.update(
+            step=step,
+            micro=j,
+            dataset=d,
+            keys=keys,
+            errors=skipped["error"],
+            bad_shards=bad_shards,
+            too_long=skipped["too_long"],
+        )
+        return batch
 
 
 def make_loader(stream: TrainStream, workers: int, prefetch: int) -> DataLoader:

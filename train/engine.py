@@ -1,8 +1,8 @@
 """What the training loop runs on: the model as a run builds it, the optimizer and its schedule, and the
 DeepSpeed engine with the ZeRO JSON from ds_configs/ completed from the typed config.
 
-The schedule is the original's ``LinearWarmupCosineLRScheduler`` (``lr_at``), set before every
-micro-batch's forward; no gradient clipping unless ``optim.grad_clip`` is set (the original clips nothing).
+The schedule is the original's ``LinearWarmupCosineLRScheduler`` (``lr_at``), set once per optimizer
+step by the global step (``step_lr``); no gradient clipping unless ``optim.grad_clip`` is set (the original clips nothing).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def lr_at(iteration: int, o: OptimConfig, total: int, accum: int = 1) -> float:
     if iteration < warmup:
         return min(o.init_lr, o.warmup_lr + (o.init_lr - o.warmup_lr) * iteration / max(warmup, 1))
     return o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
+
+
+def step_lr(step: int, o: OptimConfig, max_steps: int, accum: int) -> float:
+    """The learning rate of 0-based optimizer step ``step``: ``lr_at`` at the step's last micro-batch
+    (the one whose ``engine.step`` updates) with the configured ``accum``. A function of the global step
+    alone: a resume on another world size, with another accumulation, continues the same schedule."""
+    return lr_at(step * accum + accum - 1, o, max_steps * accum, accum)
 
 
 def param_groups(model: VideoLLaMA, weight_decay: float) -> list[dict[str, Any]]:

@@ -18,13 +18,17 @@ One node, 8 GPUs::
 Several nodes: ``srun`` one task per GPU with MASTER_ADDR/MASTER_PORT exported (pipeline.distributed).
 
 Restarting the same command resumes from the newest complete checkpoint in ``run_dir`` with the same
-losses as a run that never stopped (model, optimizer, data cursors and RNG all restored: the
-TrainState of train.checkpoint). The optimizer, the original's schedule (set before every
-micro-batch's forward) and the engine are in train.engine.
+losses as a run that never stopped (model, optimizer, the global data position: the TrainState of
+train.checkpoint), also on another number of processes or nodes, or of loader workers: the global batch
+``micro_batch x grad_accum x world`` of the first start is kept (train.config.elastic_batch), every later
+step trains the same samples (train.data's global order), and dropout is seeded per micro-batch of the
+global batch, not per rank. The optimizer, the original's schedule (set by the global step) and the
+engine are in train.engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import distributed
@@ -39,15 +44,16 @@ from pipeline.config import ConfigError, check_writable, save_yaml, to_dict
 from pipeline.distributed import DistInfo
 from pipeline.folderlock import folder_lock, requeue_wait_s
 from pipeline.model import ModelConfig, VideoLLaMA, clip_from_frames, encoder_weights_fingerprint
-from pipeline.rundir import CHECKPOINTS, COMPLETE, CONFIG, EXPORT, INIT_FROM, METRICS, MODEL_CONFIG
+from pipeline.rundir import CHECKPOINTS, COMPLETE, CONFIG, EXPORT, INIT_FROM, KEYS, METRICS, MODEL_CONFIG
 from pipeline.shards import inspect_shards, unfinished_output, write_json
 from pipeline.tracking import check_server, git_commit, make_tracker, resolve_uri
 from train import checkpoint
 from train.checkpoint import TrainState
-from train.config import TrainConfig, check_rerun
+from train.config import TrainConfig, check_rerun, elastic_batch
 from train.data import (
     TrainStream,
     adopt_cached_encoder,
+    advance,
     check_encoder_weights,
     check_error_budget,
     make_loader,
@@ -59,8 +65,8 @@ from train.engine import (
     build_model,
     check_label_mask,
     check_template,
-    lr_at,
     set_master_weights,
+    step_lr,
     training_tokenizer,
 )
 from train.preemption import REQUEUE_EXIT_CODE, StopRequest
@@ -91,7 +97,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     info = distributed.init()
     rank, world, main = info.rank, info.world_size, info.is_main
     run_dir = Path(cfg.run_dir)
-    steps_per_epoch, max_steps = schedule_length(cfg, datasets, world)
+    ckpt = checkpoint.resume_point(run_dir, rank)  # collective; sets damaged checkpoints aside
+    saved = checkpoint.read_state(ckpt) if ckpt is not None else None  # refuses the pre-elastic format
+    global_batch = saved.global_batch if saved else cfg.micro_batch * cfg.grad_accum * world
+    micro, accum = elastic_batch(global_batch, cfg.micro_batch, world)  # one line if it cannot be kept
+    run_cfg = dataclasses.replace(cfg, micro_batch=micro, grad_accum=accum)  # this world's split
+    steps_per_epoch, max_steps = schedule_length(cfg, datasets, global_batch)
     if (done := finished_run(run_dir, max_steps)) is not None:
         return already_complete(cfg, run_dir, done, max_steps, kind, info)
     precision = (
@@ -110,16 +121,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = training_tokenizer(cfg, mcfg)
     check_template(cfg, mcfg, main)
     check_label_mask(cfg, tokenizer, main)
-    engine, optimizer = build_engine(cfg, model, precision, info, run_dir)
+    engine, optimizer = build_engine(run_cfg, model, precision, info, run_dir)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     init_checksum = set_master_weights(model, start) if start is not None else None
     del start
 
-    state, resumed_from = resume(cfg, engine, run_dir, info)
+    state, resumed_from = resume(cfg, engine, ckpt, info, len(datasets), global_batch, saved)
     if main:
         _truncate_metrics(run_dir / METRICS, state.step)
-    stream = make_stream(cfg, mcfg, datasets, kind, tokenizer, info, state)
-    state.cursors = [dict(c) for c in stream.cursors]
+        _truncate_metrics(run_dir / KEYS, state.step)
+        if resumed_from is not None and saved.world_size != world:
+            print(
+                f"[train] world size {saved.world_size} -> {world}: global batch {global_batch} = micro_batch "
+                f"{micro} x grad_accum {accum} x {world}",
+                flush=True,
+            )
+    stream = make_stream(run_cfg, mcfg, datasets, kind, tokenizer, info, state)
+    weights = [w for _, w in datasets]
     stop = StopRequest()  # before the loader forks its workers, so they inherit the handler
     batches = iter(make_loader(stream, cfg.data.workers, cfg.data.prefetch))
     tracker = make_tracker(main, cfg.tracking, run_dir, cfg.experiment, cfg.tracking_uri, cfg.run_name)
@@ -127,7 +145,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if resumed_from is None:
         start_tracking(tracker, cfg, run_dir, info, kind, max_steps, init_checksum)
     else:
-        tracker.set_tags({f"resumed_at_step_{state.step}": resumed_from.name})
+        tracker.set_tags(
+            {f"resumed_at_step_{state.step}": resumed_from.name, f"world_size_from_step_{state.step}": world}
+        )
     if main:  # steps an earlier attempt could not log (tracking server down) are logged now
         tracker.backfill(unlogged_rows(run_dir, tracker.logged_step(), cfg.log_every, max_steps))
 
@@ -142,9 +162,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     dataset_size = sum(n for shards, _ in datasets for _, n in shards)
     while state.step < max_steps:
         t_step = time.perf_counter()
-        local, lr = train_step(
-            engine, optimizer, batches, cfg, kind, dtype, info.device, state, max_steps, rank, warned
+        lr = step_lr(state.step, cfg.optim, max_steps, cfg.grad_accum)  # by global step, on any world
+        local, keys = train_step(
+            engine, optimizer, batches, run_cfg, kind, dtype, info.device, state, lr, rank, warned
         )
+        if cfg.data.log_keys:
+            log_keys(run_dir, state.step + 1, distributed.all_gather_object(keys), main)
+        state.consumed = advance(state.consumed, weights, stream.seed, state.step, global_batch)
         state.step += 1
         grad_norm = engine.get_global_grad_norm()
         total = distributed.all_reduce_named({**local, "stop": float(stop.requested)}, info.device)
@@ -162,6 +186,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             raise
         if main:
             metrics = step_metrics(total, state, lr, grad_norm, time.perf_counter() - t_step, world)
+            metrics["world_size"] = world
             metrics["epoch"] = state.step / steps_per_epoch
             log_step(cfg, run_dir, tracker, state.step, max_steps, metrics)
         if nonfinite:  # the same numbers on every rank: all skip, or all stop, together
@@ -309,10 +334,10 @@ def unlogged_rows(run_dir: Path, logged: int, log_every: int, last: int) -> list
     return [r for r in rows if r["step"] > logged and (r["step"] % log_every == 0 or r["step"] == last)]
 
 
-def schedule_length(cfg: TrainConfig, datasets: Datasets, world: int) -> tuple[int, int]:
+def schedule_length(cfg: TrainConfig, datasets: Datasets, global_batch: int) -> tuple[int, int]:
     """(steps per epoch, max steps): an epoch is every sample once at the global batch size."""
     total = sum(n for shards, _ in datasets for _, n in shards)
-    steps_per_epoch = cfg.steps_per_epoch or max(1, total // (cfg.micro_batch * cfg.grad_accum * world))
+    steps_per_epoch = cfg.steps_per_epoch or max(1, total // global_batch)
     return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
 
 
@@ -328,32 +353,45 @@ def use_cached_features(cfg: TrainConfig, model: VideoLLaMA, main: bool) -> None
         )
 
 
-def resume(cfg: TrainConfig, engine, run_dir: Path, info: DistInfo) -> tuple[TrainState, Path | None]:
-    """The state of the newest complete checkpoint (engine and RNG restored), else a fresh one."""
-    path = checkpoint.resume_point(run_dir, info.rank)
+def resume(
+    cfg: TrainConfig,
+    engine,
+    path: Path | None,
+    info: DistInfo,
+    num_datasets: int,
+    global_batch: int,
+    saved: TrainState | None,
+) -> tuple[TrainState, Path | None]:
+    """The state of checkpoint ``path`` (engine and RNG restored, on any world size), else a fresh one."""
     if path is None:
-        torch.manual_seed(cfg.seed * 1000 + info.rank)  # dropout differs across ranks, fixed by the seed
-        return TrainState(world_size=info.world_size), None
-    state = checkpoint.load(engine, path, info.rank, info.world_size)
-    if info.is_main:
-        print(f"[train] resumed from {path} at step {state.step}", flush=True)
-    workers = max(cfg.data.workers, 1)
-    if len(state.cursors) != workers:
+        torch.manual_seed(cfg.seed * 1000 + info.rank)  # anything else random differs across ranks
+        fresh = TrainState(world_size=info.world_size, consumed=[0] * num_datasets, global_batch=global_batch)
+        return fresh, None
+    state = checkpoint.load(engine, path)
+    if len(state.consumed) != num_datasets:
         raise ConfigError(
-            f"data.workers: the checkpoint has {len(state.cursors)} workers per rank, now {workers}"
+            f"data: the checkpoint {path.name} has positions for {len(state.consumed)} datasets, now {num_datasets}"
         )
+    if info.is_main:
+        print(
+            f"[train] resumed from {path} at step {state.step} (saved on {saved.world_size} processes, "
+            f"now {info.world_size})",
+            flush=True,
+        )
+    state.world_size = info.world_size
     return state, path
 
 
 def make_stream(cfg: TrainConfig, mcfg, datasets: Datasets, kind: str, tokenizer, info: DistInfo, state):
-    """This rank's batches, continuing at the state's cursors."""
-    cursors = state.cursors or None
+    """This rank's micro-batches of the global order, from the state's step and data position on."""
     return TrainStream(
         datasets,
         kind=kind,
         tokenizer=tokenizer,
         mcfg=mcfg,
         micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        shuffle_block=cfg.data.shuffle_block,
         max_caption_tokens=cfg.data.max_caption_tokens,
         task=cfg.data.task,
         template=cfg.data.template,
@@ -362,11 +400,18 @@ def make_stream(cfg: TrainConfig, mcfg, datasets: Datasets, kind: str, tokenizer
         random_crop=cfg.data.random_crop,
         rank=info.rank,
         world_size=info.world_size,
-        workers=cfg.data.workers,
         seed=cfg.data.seed if cfg.data.seed is not None else cfg.seed,
-        cursors=cursors,
-        offset=sum(c["batches"] for c in cursors) % max(cfg.data.workers, 1) if cursors else 0,
+        start_step=state.step,
+        consumed=state.consumed,
     )
+
+
+def log_keys(run_dir: Path, step: int, per_rank: list[list[tuple[int, list[str]]]], main: bool) -> None:
+    """Rank 0: step ``step``'s sample keys, the whole global batch in micro-batch order, to keys.jsonl."""
+    if main:
+        keys = [k for _, ks in sorted(m for rank in per_rank for m in rank) for k in ks]
+        with open(run_dir / KEYS, "a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
 def start_tracking(
@@ -393,6 +438,12 @@ def start_tracking(
 # ---- the step ------------------------------------------------------------------------------------
 
 
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """Dropout's seed for micro-batch ``micro`` of the global batch of step ``step``: the same whichever
+    rank trains it."""
+    return int(np.random.default_rng([seed, 6, step, micro]).integers(2**62))
+
+
 def train_step(
     engine,
     optimizer,
@@ -402,25 +453,26 @@ def train_step(
     dtype,
     device,
     state: TrainState,
-    max_steps: int,
+    lr: float,
     rank: int = 0,
     warned: set[str] | None = None,
-) -> tuple[dict[str, float], float]:
-    """``grad_accum`` micro-batches through the engine, the learning rate set before each forward (as the
-    original). Returns this rank's sums, to be all-reduced by name, and the step's (last) learning rate;
-    keeps each loader worker's cursor in ``state``; warns once per rank about each shard with unusable
-    samples (``warned``: the shards already named)."""
+) -> tuple[dict[str, float], list[tuple[int, list[str]]]]:
+    """``cfg.grad_accum`` micro-batches through the engine at learning rate ``lr``. Returns this rank's
+    sums, to be all-reduced by name, and its micro-batches' sample keys ``[(micro, keys)]``; warns once per
+    rank about each shard with unusable samples (``warned``: the shards already named)."""
     warned = set() if warned is None else warned
     accum = cfg.grad_accum
     sums = {"loss": 0.0, "tokens": 0.0, "samples": 0.0, "errors": 0.0, "wait_s": 0.0, "too_long": 0.0}
-    for micro in range(accum):
-        lr = lr_at(state.step * accum + micro, cfg.optim, max_steps * accum, accum)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    keys = []
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for _ in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
         sums["wait_s"] += time.perf_counter() - t0
-        state.cursors[batch["slot"]] = batch["cursor"]
+        if batch["step"] != state.step:
+            raise RuntimeError(f"data: rank {rank} got a batch of step {batch['step']} at step {state.step}")
+        keys.append((batch["micro"], batch["keys"]))
         sums["errors"] += batch["errors"]
         sums["too_long"] += batch["too_long"]
         for shard, why in batch["bad_shards"].items():
@@ -434,6 +486,7 @@ def train_step(
             inputs["clip"] = clip_from_frames(batch["frames"].to(device), dtype)
         else:
             inputs["features"] = batch["features"].to(device, dtype)
+        torch.manual_seed(micro_seed(cfg.seed, state.step, batch["micro"]))
         out = engine(**inputs)
         engine.backward(out.loss)
         engine.step()
@@ -441,7 +494,7 @@ def train_step(
         sums["tokens"] += int(inputs["attention_mask"].sum())
         sums["samples"] += inputs["input_ids"].shape[0]
     sums["loss"] /= accum
-    return sums, lr
+    return sums, keys
 
 
 def _finite(x) -> bool:

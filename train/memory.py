@@ -143,7 +143,7 @@ class MemoryPlan:
     reserve: int
     activations: int  # per sample, without LLM checkpointing
     activations_checkpointed: int  # per sample, with
-    checkpoint_bytes: int  # the whole run's checkpoint: weights in the compute dtype + 12 B/param
+    checkpoint_bytes: int  # one checkpoint: fp32 master weights + Adam moments, 12 B/param, whole
 
     @property
     def fixed(self) -> int:
@@ -197,7 +197,7 @@ def plan_memory(
         reserve=int(reserve_gb * GB),
         activations=llm_activation_bytes(cfg, seq_len, False) + video + encoder,
         activations_checkpointed=llm_activation_bytes(cfg, seq_len, True) + video + encoder,
-        checkpoint_bytes=(p + 12) * psi,
+        checkpoint_bytes=12 * psi,
     )
 
 
