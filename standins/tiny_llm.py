@@ -14,10 +14,11 @@ ignores anything before the caption; the video tokens could then never steer it.
 sequences carry, where the 32 video tokens go (``[BOS]`` + 32 slots), an informative prefix: the
 caption's own tokens in the first slots, ``<unk>`` fillers after (the id the placeholders are looked up
 as). Slot k telling the k-th word is the easiest context to learn to read in seconds, and per-slot
-content is what the video Q-Former's 32 queries naturally produce. The LLM learns to *read* that context as a real LLM reads its prompt. Other sequences have
-an all-filler prefix (the grammar-only floor, measured the same way), no prefix, or a stage-2
-conversation whose video block holds the prefix: 1 to 4 turns, as the corpus's VideoChat conversations
-ask them (a chat model answers the question of the turn it is in, the first or a later one). The loss is on the text, never on the prefix slots.
+content is what the video Q-Former's 32 queries naturally produce. The LLM learns to *read* that
+context as a real LLM reads its prompt. Other sequences have an all-filler prefix (the grammar-only
+floor, measured the same way), no prefix, or a stage-2 conversation whose video block holds the prefix:
+1 to 4 turns, as the corpus's VideoChat conversations ask them (a chat model answers the question of the
+turn it is in, the first or a later one). The loss is on the text, never on the prefix slots.
 
 The folder holds ``config.json``, ``model.safetensors`` and the tokenizer: ``AutoModelForCausalLM`` /
 ``AutoTokenizer`` load it, and ``model.llm_path=DIR`` loads it frozen exactly as it would load Vicuna.
