@@ -314,6 +314,14 @@ VARIANTS: dict[str, tuple[str, GroundedSettings, int]] = {  # name: (role, setti
         ),
         1,
     ),
+    "dev-slow": (  # added after `slow`'s direction miss was seen (docs/LEARNING.md): develop on slow moves here
+        "development",
+        GroundedSettings(
+            shapes=("square", "circle", "tall bar"), size=(100, 150), speed=(12, 22), seconds=(6, 8),
+            background="grey",
+        ),
+        2,
+    ),
     "independent": (
         "held-out",
         GroundedSettings(

@@ -1,9 +1,15 @@
-"""Stage 1 *learns*: the grounded corpus -> tiny LLM + tiny encoder -> feature cache -> training with the
+"""Stage 1 *learns*: a grounded corpus -> tiny LLM + tiny encoder -> feature cache -> training with the
 shipped configs/stage1_tiny.yaml -> greedy captions of held-out clips name what the clips show.
 
-One pipeline run (module fixture, all through cli.py as a user runs it) serves every assertion. The
-targets are the issue's: colour >= 95 %, direction >= 85 %, shape >= 75 %, all three >= 60 % on held-out
-clips; features shuffled across clips drop to about chance; reversed frames flip the direction.
+Two chains, all through cli.py as a user runs them, share one tiny encoder (it never sees a corpus):
+- the demo's corpus (``learned``), which stage 2, the conversation and caption-shards checks build on.
+  The targets are the issues': colour >= 95 %, direction >= 85 %, shape >= 75 %, all three >= 60 % on
+  held-out clips; features shuffled across clips drop to about chance; reversed frames flip the direction;
+- the held-out variant ``slow`` (``variant``), a corpus no setting of the recipe was chosen on
+  (docs/LEARNING.md, issue 20): its moves cross a quarter of the frame or less. There the shipped recipe
+  meets colour and shape within 10 points of their linear probes, and the probe shows the encoder carries
+  the direction. **Issue 20's direction and all-three targets are not asserted there: the shipped recipe
+  misses them** (direction 58.9 %, 75.0 % and 89.3 % in three runs against a probe of 91-93 %).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from standins.sample_data import make_grounded_sample
+from standins.sample_data import make_grounded_sample, variant_settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+HELDOUT_VARIANT = "slow"  # a held-out member of the family (standins.sample_data.VARIANTS)
+TARGETS = {"colour": 0.95, "shape": 0.75, "direction": 0.85, "all": 0.60}
 
 
 def cli(*args: str) -> str:
@@ -31,16 +39,23 @@ def cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning")
-    corpus = make_grounded_sample(root / "corpus", faults=True, workers=2)
+def encoder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("encoder") / "encoder"
+    cli("tiny-encoder", "--output", str(out))
+    return out
+
+
+def run_chain(root: Path, encoder: Path, variant: str | None) -> dict:
+    """Corpus (with its faulty rows), tiny LLM on its captions, feature caches of both splits, stage 1,
+    then grounded-eval with both ablations and the linear probes."""
+    settings, seed = variant_settings(variant)
+    corpus = make_grounded_sample(root / "corpus", settings, seed=seed, faults=True, workers=2)
     cli("tiny-llm", "--annotations", corpus["train"], "--output", str(root / "llm"))
-    cli("tiny-encoder", "--output", str(root / "encoder"))
     for split in ("train", "heldout"):
         cli(
             "preprocess", "--annotations", corpus[split], "--videos", corpus["videos"],
             "--output", str(root / f"{split}_shards"), "--size", "56", "--samples-per-shard", "64",
-            "--cache-features", "--encoder", "tiny", f"features.blip2_path={root / 'encoder'}",
+            "--cache-features", "--encoder", "tiny", f"features.blip2_path={encoder}",
         )  # fmt: skip
     t0 = time.monotonic()
     cli(
@@ -48,13 +63,26 @@ def learned(tmp_path_factory):
         f"run_dir={root / 'run'}", f"model.llm_path={root / 'llm'}",
     )  # fmt: skip
     train_seconds = time.monotonic() - t0
-    cli("grounded-eval", str(root / "run"), str(root / "heldout_shards"), "--output", str(root / "eval"))
+    cli(
+        "grounded-eval", str(root / "run"), str(root / "heldout_shards"), "--output", str(root / "eval"),
+        "--probe", str(root / "train_shards"),
+    )  # fmt: skip
     return {
         "root": root,
         "llm": json.loads((root / "llm" / "tiny_llm.json").read_text()),
         "eval": json.loads((root / "eval" / "grounded_eval.json").read_text()),
         "train_seconds": train_seconds,
     }
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, encoder):
+    return run_chain(tmp_path_factory.mktemp("learning"), encoder, None)
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory, encoder):
+    return run_chain(tmp_path_factory.mktemp(f"variant-{HELDOUT_VARIANT}"), encoder, HELDOUT_VARIANT)
 
 
 def test_the_tiny_llm_reads_its_context(learned):
@@ -64,8 +92,8 @@ def test_the_tiny_llm_reads_its_context(learned):
     assert min(r["answer_accuracy"].values()) >= 0.9, r["answer_accuracy"]  # and answers from it
 
 
-def test_the_tiny_encoder_knows_shapes_on_new_scenes(learned):
-    h = json.loads((learned["root"] / "encoder" / "tiny_encoder.json").read_text())["heldout"]
+def test_the_tiny_encoder_knows_shapes_on_new_scenes(encoder):
+    h = json.loads((encoder / "tiny_encoder.json").read_text())["heldout"]
     assert h["shape_accuracy"] >= 0.7 and h["centre_error"] <= 0.1 and h["colour_error"] <= 15, h
 
 
@@ -81,19 +109,39 @@ def test_every_row_is_accounted_for(learned):
 def test_held_out_captions_name_colour_shape_and_direction(learned):
     a = learned["eval"]["heldout"]["all"]
     assert a["clips"] == 56
-    assert a["colour"] >= 0.95 and a["direction"] >= 0.85 and a["shape"] >= 0.75 and a["all"] >= 0.60, a
+    assert all(a[k] >= t for k, t in TARGETS.items()), a
 
 
 def test_shuffled_features_drop_to_chance_and_reversed_frames_flip_the_direction(learned):
-    r = learned["eval"]
+    check_ablations(learned["eval"])
+
+
+def check_ablations(r: dict) -> None:
     s = r["shuffled"]
     # the captions follow the features they were given, not the clip they belong to
     assert s["all"] <= s["chance"]["all"] + 0.1 and s["follows_features"] >= 0.5, s
     assert r["reversed"]["direction_flipped"] >= 0.6 and r["reversed"]["colour_kept"] >= 0.9, r["reversed"]
 
 
+def test_a_held_out_variant_learns_colour_and_shape_and_its_features_carry_the_direction(variant):
+    """Issue 20 on a corpus of the family that no recipe setting was chosen on, with the shipped config:
+    colour and shape reach their targets within 10 points of what a linear probe reads from the same
+    cached features, the captions follow the features, and the probe reads the direction (so a low
+    direction score there blames the training, not the encoder). The direction target is missed: see
+    the module docstring."""
+    r = variant["eval"]
+    a, probe = r["heldout"]["all"], r["probe"]
+    assert a["clips"] == 56 and probe["clips"] == 56 and probe["train_clips"] == 264, (a, probe)
+    for k in ("colour", "shape"):
+        assert a[k] >= TARGETS[k] and a[k] >= probe[k] - 0.10, (k, a[k], probe[k])
+    assert probe["direction"] >= TARGETS["direction"], probe
+    s = r["shuffled"]
+    assert s["all"] <= s["chance"]["all"] + 0.1 and s["colour"] <= s["chance"]["colour"] + 0.15, s
+    assert variant["train_seconds"] <= 240
+
+
 @pytest.fixture(scope="module")
-def stage2(learned):
+def stage2(learned, encoder):
     """Stage 2 with the shipped configs/stage2_tiny.yaml on the corpus's VideoChat conversations, from the
     stage-1 export; held-out questions asked as `chat` asks them."""
     root = learned["root"]
@@ -101,7 +149,7 @@ def stage2(learned):
     cli(
         "preprocess", "--dataset", "videochat", "--annotations", str(corpus / "train" / "videochat.json"),
         "--videos", str(corpus / "videos"), "--output", str(root / "vc_shards"), "--samples-per-shard", "64",
-        "--cache-features", "--encoder", "tiny", f"features.blip2_path={root / 'encoder'}",
+        "--cache-features", "--encoder", "tiny", f"features.blip2_path={encoder}",
     )  # fmt: skip
     cli(
         "train", "--config", str(REPO / "configs" / "stage2_tiny.yaml"), f"init_from={root / 'run' / 'export'}",
