@@ -26,6 +26,7 @@ autocast). Casting the whole ViT to fp16 instead moves the features measurably
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -78,6 +79,10 @@ class ModelConfig(WeightPaths):
     video_qformer_ffn: int = 3072
     num_video_query_tokens: int = 32
     max_frames: int = MAX_FRAMES
+    # The frame position embedding's init when a run starts from scratch: "normal" is the original's
+    # (nn.Embedding's N(0, 1) per frame, unordered); "sinusoidal" gives neighbouring frames neighbouring
+    # codes, which the tiny recipe needs to learn slow moves (docs/LEARNING.md, issue 20).
+    frame_position_init: Literal["normal", "sinusoidal"] = "normal"
     dropout: float = 0.1
     # Frozen LLM: a local Hugging Face causal-LM directory, or (llm_path null) a Llama built from the
     # llm_* sizes below with random weights (tests, smoke runs, meta-device counting).
@@ -96,6 +101,10 @@ class ModelConfig(WeightPaths):
         sizes = [f.name for f in fields(self) if f.type in (int, "int")]
         if bad := [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]:
             raise ConfigError(f"model: sizes must be >= 1: {', '.join(bad)}")
+        if self.frame_position_init not in ("normal", "sinusoidal"):
+            raise ConfigError(
+                f"model.frame_position_init: 'normal' or 'sinusoidal', not {self.frame_position_init!r}"
+            )
         if not 0 <= self.dropout < 1 or not 0 < self.vision_eps < 1:
             raise ConfigError("model.dropout must be in [0, 1) and model.vision_eps in (0, 1)")
         for width, heads, what in (
@@ -229,6 +238,17 @@ def image_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
         cross_attention_frequency=cfg.qformer_cross_every,
         encoder_hidden_size=cfg.vision_width,
     )
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """``[n, d]`` sine/cosine position codes (Vaswani et al. 2017) scaled to a mean square of 1, the scale
+    of nn.Embedding's N(0, 1): code t and t+1 are close and the codes change smoothly with t, so "later
+    minus earlier" is one direction in feature space from the first step."""
+    t = torch.arange(n, dtype=torch.float32)[:, None]
+    angles = t / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    codes = torch.empty(n, d)
+    codes[:, 0::2], codes[:, 1::2] = torch.sin(angles), torch.cos(angles[:, : d // 2])
+    return codes * math.sqrt(2)
 
 
 def video_qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
@@ -387,6 +407,9 @@ class VideoLLaMA(nn.Module):
             frozen.query_tokens,
         )
         self.video_frame_position_embedding = nn.Embedding(cfg.max_frames, d)
+        if cfg.frame_position_init == "sinusoidal":
+            with torch.no_grad():
+                self.video_frame_position_embedding.weight.copy_(sinusoidal_positions(cfg.max_frames, d))
         self.video_qformer = Blip2QFormerModel(video_qformer_config(cfg))
         self.video_query_tokens = nn.Parameter(torch.zeros(1, cfg.num_video_query_tokens, d).normal_(0, 0.02))
         self.llama_proj = nn.Linear(d, cfg.llm_hidden_size)

@@ -2,14 +2,14 @@
 shipped configs/stage1_tiny.yaml -> greedy captions of held-out clips name what the clips show.
 
 Two chains, all through cli.py as a user runs them, share one tiny encoder (it never sees a corpus):
-- the demo's corpus (``learned``), which stage 2, the conversation and caption-shards checks build on.
-  The targets are the issues': colour >= 95 %, direction >= 85 %, shape >= 75 %, all three >= 60 % on
-  held-out clips; features shuffled across clips drop to about chance; reversed frames flip the direction;
+- the demo's corpus (``learned``), which stage 2, the conversation and caption-shards checks build on;
 - the held-out variant ``slow`` (``variant``), a corpus no setting of the recipe was chosen on
-  (docs/LEARNING.md, issue 20): its moves cross a quarter of the frame or less. There the shipped recipe
-  meets colour and shape within 10 points of their linear probes, and the probe shows the encoder carries
-  the direction. **Issue 20's direction and all-three targets are not asserted there: the shipped recipe
-  misses them** (direction 58.9 %, 75.0 % and 89.3 % in three runs against a probe of 91-93 %).
+  (docs/LEARNING.md, issue 20): its moves cross a quarter of the frame or less. With the original's
+  frame position init the recipe got its direction in one run of three (58.9-89.3 %); with the
+  shipped ordered init, 96.4 % in both runs measured.
+The targets are the issues': colour >= 95 %, direction >= 85 %, shape >= 75 %, all three >= 60 % on
+held-out clips, on the held-out variant each within 10 points of what a linear probe reads from the same
+cached features; features shuffled across clips drop to about chance; reversed frames flip the direction.
 """
 
 from __future__ import annotations
@@ -123,20 +123,15 @@ def check_ablations(r: dict) -> None:
     assert r["reversed"]["direction_flipped"] >= 0.6 and r["reversed"]["colour_kept"] >= 0.9, r["reversed"]
 
 
-def test_a_held_out_variant_learns_colour_and_shape_and_its_features_carry_the_direction(variant):
-    """Issue 20 on a corpus of the family that no recipe setting was chosen on, with the shipped config:
-    colour and shape reach their targets within 10 points of what a linear probe reads from the same
-    cached features, the captions follow the features, and the probe reads the direction (so a low
-    direction score there blames the training, not the encoder). The direction target is missed: see
-    the module docstring."""
+def test_a_held_out_variant_meets_the_targets_within_10_points_of_its_probe(variant):
+    """Issue 20: on a corpus of the family that no recipe setting was chosen on, the shipped config
+    reaches every target, and no factor stays more than 10 points below what the encoder carries."""
     r = variant["eval"]
     a, probe = r["heldout"]["all"], r["probe"]
     assert a["clips"] == 56 and probe["clips"] == 56 and probe["train_clips"] == 264, (a, probe)
-    for k in ("colour", "shape"):
-        assert a[k] >= TARGETS[k] and a[k] >= probe[k] - 0.10, (k, a[k], probe[k])
-    assert probe["direction"] >= TARGETS["direction"], probe
-    s = r["shuffled"]
-    assert s["all"] <= s["chance"]["all"] + 0.1 and s["colour"] <= s["chance"]["colour"] + 0.15, s
+    assert all(a[k] >= t for k, t in TARGETS.items()), a
+    assert all(a[k] >= probe[k] - 0.10 for k in TARGETS), {k: (a[k], probe[k]) for k in TARGETS}
+    check_ablations(r)
     assert variant["train_seconds"] <= 240
 
 

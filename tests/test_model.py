@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.model import TRAINABLE, FrozenEncoder, ModelConfig, VideoLLaMA, preset, tiny, vit_g
+from pipeline.model import (
+    TRAINABLE,
+    FrozenEncoder,
+    ModelConfig,
+    VideoLLaMA,
+    preset,
+    sinusoidal_positions,
+    tiny,
+    vit_g,
+)
 from pipeline.prompts import caption_sample, collate, conversation_sample, load_tokenizer
 from standins.synthetic import write_tiny_llm
 
@@ -112,6 +121,30 @@ def test_wrong_video_position_count_raises(tiny_model):
 def test_too_many_frames_raise(tiny_model):
     with pytest.raises(ValueError, match="frame position embedding"):
         tiny_model.video_tokens(torch.zeros(1, 33, 32, 64))
+
+
+def test_frame_position_init_is_the_originals_unless_asked_for_ordered_codes():
+    """The original's nn.Embedding init (N(0, 1), frames unrelated) by default; "sinusoidal" (the tiny
+    recipe's, docs/LEARNING.md) gives codes of the same scale where neighbouring frames are closest."""
+    torch.manual_seed(0)
+    normal = VideoLLaMA(tiny()).video_frame_position_embedding.weight.detach()
+    assert abs(normal.std().item() - 1) < 0.05 and abs(normal.mean().item()) < 0.05
+    torch.manual_seed(0)
+    model = VideoLLaMA(dataclasses.replace(tiny(), frame_position_init="sinusoidal"))
+    codes = model.video_frame_position_embedding.weight.detach()
+    assert torch.equal(codes, sinusoidal_positions(32, 64))
+    assert codes.pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(
+        codes[3, 0::2], torch.sin(3 / 10000 ** (torch.arange(0, 64, 2) / 64)) * math.sqrt(2)
+    )
+    distance = torch.cdist(codes[:8], codes[:8])  # frames 0..7, what a clip of 8 frames uses
+    for t in range(1, 7):  # each frame's nearest other frames are its neighbours
+        others = distance[t].clone()
+        others[t] = math.inf
+        assert set(others.topk(2, largest=False).indices.tolist()) == {t - 1, t + 1}
+    assert model.video_frame_position_embedding.weight.requires_grad  # an init, still trained
+    with pytest.raises(ConfigError, match="frame_position_init"):
+        load_config(ModelConfig, None, ["frame_position_init=ramp"])
 
 
 def test_config_from_yaml_and_overrides(tmp_path):
