@@ -101,10 +101,6 @@ class ModelConfig(WeightPaths):
         sizes = [f.name for f in fields(self) if f.type in (int, "int")]
         if bad := [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]:
             raise ConfigError(f"model: sizes must be >= 1: {', '.join(bad)}")
-        if self.frame_position_init not in ("normal", "sinusoidal"):
-            raise ConfigError(
-                f"model.frame_position_init: 'normal' or 'sinusoidal', not {self.frame_position_init!r}"
-            )
         if not 0 <= self.dropout < 1 or not 0 < self.vision_eps < 1:
             raise ConfigError("model.dropout must be in [0, 1) and model.vision_eps in (0, 1)")
         for width, heads, what in (
