@@ -322,6 +322,14 @@ VARIANTS: dict[str, tuple[str, GroundedSettings, int]] = {  # name: (role, setti
         ),
         2,
     ),
+    "dev-thin": (  # added after `independent`'s colour miss on thin bars was seen (docs/LEARNING.md)
+        "development",
+        GroundedSettings(
+            shapes=("circle", "wide bar", "tall bar"), size=(70, 130), bar_aspect=(3, 4.5), speed=(25, 50),
+            seconds=(5, 7),
+        ),
+        3,
+    ),
     "independent": (
         "held-out",
         GroundedSettings(
