@@ -21,7 +21,8 @@ PY=${PYTHON:-.venv/bin/python}
 CACHE=${STANDINS_CACHE-.cache/standins}
 G=$DEMO/grounded
 T0=$(date +%s)
-# Steps that do not depend on each other run side by side (the schedule below), one torch thread each:
+# Steps that do not depend on each other run side by side (the schedule below), one torch thread each
+# (but the tiny encoder, below):
 # the tiny models' matrices are too small for a second thread to pay (stage 2: 109 s with 2 threads,
 # 105 s with 1), and two trainings with 2 threads each on 2 cores spin for minutes (docs/PERFORMANCE.md).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -108,7 +109,12 @@ preprocess() {  # preprocess SPLIT_OR_VIDEOCHAT
         --output "$DEMO/${1}_shards" --samples-per-shard 64 --cache-features --encoder tiny "$ENC" ;;
     esac
 }
-standin tiny-encoder "$DEMO/tiny_encoder" $PY cli.py tiny-encoder --output "$DEMO/tiny_encoder" &
+# The encoder is the longest step before training: two threads that sleep while they wait
+# (OMP_WAIT_POLICY=PASSIVE) run it at one thread's pace while the corpus and the tiny LLM have the other
+# core, and on both cores once they are done. Spinning threads (the default) would take twice as long
+# beside them (docs/PERFORMANCE.md).
+standin tiny-encoder "$DEMO/tiny_encoder" env OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE \
+    $PY cli.py tiny-encoder --output "$DEMO/tiny_encoder" &
 ENCODER=$!
 step corpus $PY cli.py make-sample --grounded --faults --output "$G" || die
 standin tiny-llm "$DEMO/tiny_llm" $PY cli.py tiny-llm --annotations "$G/train/annotations" --output "$DEMO/tiny_llm" &

@@ -9,7 +9,9 @@ all near chance, because a small shape over a noisy background is a few percent 
 So the tiny preset's encoder is *trained*, briefly, as an image model: on random still scenes (one shape
 of a random kind, any colour, size and place, over the corpus's kind of blocky noise, drawn at the
 squashed 596x336 -> square aspect the preprocessing produces), the mean of its 32 query outputs must tell
-the shape (square / circle / triangle: cross-entropy) and regress its RGB colour, centre and size. That is
+the shape (every shape of the grounded corpora: square / circle / triangle / wide bar / tall bar, by
+cross-entropy) and regress its RGB colour, centre and size (its long side: 20-60 % of the frame height,
+bars 2.5-5x longer than thick). That is
 "what, what colour, where" for single images -- what CLIP-style pretraining gives the real encoder. It
 never sees a video, a caption or a direction: which way a shape moves can only come from comparing
 frames, which the trained video branch must learn. The images are drawn fresh from the seed, not taken
@@ -34,11 +36,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline import grounded
 from pipeline.config import ConfigError, check_writable
 from pipeline.model import FrozenEncoder, ModelConfig, clip_from_frames, frame_features, tiny
 from pipeline.weights import hf_blip2_name
 
-KINDS = ("square", "circle", "triangle")
+KINDS = grounded.SHAPES  # square, circle, triangle, wide bar, tall bar: every shape a grounded corpus draws
 TARGETS = ("x", "y", "size", "red", "green", "blue")  # regressed, all in [0, 1]
 ASPECT = 336 / 596  # WebVid-like 596x336 frames squashed to a square: shapes get this much narrower
 
@@ -46,12 +49,13 @@ ASPECT = 336 / 596  # WebVid-like 596x336 frames squashed to a square: shapes ge
 @dataclass
 class TinyEncoderConfig:
     output: str = ""
-    steps: int = 1800
+    steps: int = 3600
     batch_size: int = 64
     lr: float = 2e-3
     regression_weight: float = 10.0  # of the MSE on TARGETS, beside the shape cross-entropy
-    min_size: float = 0.18  # half-height of a shape, as a share of the frame height
+    min_size: float = 0.10  # half the long side of a shape, as a share of the frame height
     max_size: float = 0.30
+    bar_aspect: tuple[float, float] = (2.5, 5.0)  # a bar's long side / short side
     seed: int = 0
 
     def validate(self) -> None:
@@ -61,6 +65,8 @@ class TinyEncoderConfig:
             raise ConfigError("tiny-encoder: steps and batch_size must be >= 1")
         if not 0 < self.min_size <= self.max_size < 0.5:
             raise ConfigError("tiny-encoder: need 0 < min_size <= max_size < 0.5")
+        if not 1 <= self.bar_aspect[0] <= self.bar_aspect[1] < math.inf:
+            raise ConfigError(f"tiny-encoder: need 1 <= bar_aspect low <= high (got {self.bar_aspect})")
         if not 0 < self.lr < math.inf or not 0 <= self.regression_weight < math.inf:  # nan fails both
             raise ConfigError(
                 f"tiny-encoder: lr must be a finite number > 0 and regression_weight >= 0 "
@@ -71,8 +77,11 @@ class TinyEncoderConfig:
 def random_scenes(
     n: int, size: int, cfg: TinyEncoderConfig, gen: torch.Generator
 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """``n`` scenes ``[n, size, size, 3]`` uint8 (drawn at twice the size, then 2x2 averaged), their shape
-    kinds ``[n]`` (index into KINDS) and targets ``[n, 6]`` (TARGETS)."""
+    """``n`` scenes ``[n, size, size, 3]`` uint8, their shape kinds ``[n]`` (index into KINDS) and targets
+    ``[n, 6]`` (TARGETS). The shape and the blocks are drawn at twice the size and 2x2 averaged. The fine
+    noise is drawn at the final size with the spread that averaging it would leave (a quarter of the
+    variance on background pixels, less where the shape covers part of a pixel): the same pixels in
+    distribution, a quarter of the random draws."""
     r = 2 * size
 
     def rand(*shape):
@@ -83,29 +92,33 @@ def random_scenes(
     bh, bw = max(1, round(8 * r / 336)), max(1, round(8 * r / 596))
     blocks = torch.randn(n, 3, r // bh + 1, r // bw + 1, generator=gen) * 28
     blocks = blocks.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :r, :r]
-    img = grey + blocks + torch.randn(n, 3, r, r, generator=gen) * 12 * (0.5 + rand(n, 1, 1, 1))
-    # one shape: half-height hh, half-width hw (squashed), centre (cx, cy), any colour
-    hh = r * (cfg.min_size + (cfg.max_size - cfg.min_size) * rand(n))
-    hw = hh * ASPECT
+    noise = 12 * (0.5 + rand(n, 1, 1, 1))  # the fine noise's spread per pixel at twice the size
+    # one shape: half its long side, half-height hh, half-width hw (squashed), centre (cx, cy), any colour
+    half = r * (cfg.min_size + (cfg.max_size - cfg.min_size) * rand(n))
+    kind = torch.randint(0, len(KINDS), (n,), generator=gen)
+    thin = 1 / (cfg.bar_aspect[0] + (cfg.bar_aspect[1] - cfg.bar_aspect[0]) * rand(n))  # short / long side
+    hh = torch.where(kind == KINDS.index("wide bar"), half * thin, half)
+    hw = half * ASPECT * torch.where(kind == KINDS.index("tall bar"), thin, torch.ones(n))
     cx = hw + 2 + (r - 2 * hw - 4) * rand(n)
     cy = hh + 2 + (r - 2 * hh - 4) * rand(n)
-    kind = torch.randint(0, len(KINDS), (n,), generator=gen)
     colour = rand(n, 3) * 255
     yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
     u = (xx - cx[:, None, None]) / hw[:, None, None]
     v = (yy - cy[:, None, None]) / hh[:, None, None]
-    masks = torch.stack(
-        [
-            (u.abs() <= 1) & (v.abs() <= 1),  # square
-            u**2 + v**2 <= 1,  # circle
-            (u.abs() <= (v + 1) / 2) & (v.abs() <= 1),  # triangle, apex up (as in the corpus)
-        ],
-        1,
+    inside = v.abs() <= 1
+    circle, triangle = (
+        (kind == KINDS.index("circle"))[:, None, None],
+        (kind == KINDS.index("triangle"))[:, None, None],
     )
-    mask = masks[torch.arange(n), kind]
-    img = torch.where(mask[:, None], colour[:, :, None, None], img).clamp(0, 255)
-    img = nn.functional.avg_pool2d(img, 2).round().to(torch.uint8).permute(0, 2, 3, 1)
-    targets = torch.stack([cx / r, cy / r, hh / r, *(colour / 255).T], 1)
+    mask = torch.where(
+        circle, u**2 + v**2 <= 1, inside & (u.abs() <= torch.where(triangle, (v + 1) / 2, torch.ones(())))
+    )  # squares and bars: the whole box; the triangle's apex is up (as in the corpus)
+    img = torch.where(mask[:, None], colour[:, :, None, None], grey + blocks)
+    img = nn.functional.avg_pool2d(img, 2)
+    background = 1 - nn.functional.avg_pool2d(mask[:, None].float(), 2)  # share of each pixel not the shape
+    img = img + torch.randn(n, 3, size, size, generator=gen) * (noise / 2) * background.sqrt()
+    img = img.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    targets = torch.stack([cx / r, cy / r, half / r, *(colour / 255).T], 1)
     return img.numpy(), kind, targets
 
 
