@@ -150,11 +150,11 @@ def tiny_llm(overrides, **flags) -> None:
 @click.option(
     "--output", required=True, type=click.Path(file_okay=False), help="BLIP-2-style folder to write"
 )
-@click.option("--steps", type=int, help="training steps [1800]")
+@click.option("--steps", type=int, help="training steps [3600]")
 @click.option("--seed", type=int, help="[0]")
 @click.argument("overrides", nargs=-1)
 def tiny_encoder(overrides, **flags) -> None:
-    """Train the tiny preset's frozen ViT + image Q-Former briefly (a CLIP stand-in; a minute on a CPU).
+    """Train the tiny preset's frozen ViT + image Q-Former briefly (a CLIP stand-in; minutes on a CPU).
 
     Use it as features.blip2_path=OUTPUT when caching features with --encoder tiny; training from that
     cache takes the same encoder from it.

@@ -1,4 +1,4 @@
-"""A tiny frozen encoder trained in a minute as a stand-in for EVA-CLIP + BLIP-2 (``cli.py tiny-encoder``).
+"""A tiny frozen encoder trained in minutes as a stand-in for EVA-CLIP + BLIP-2 (``cli.py tiny-encoder``).
 
 The real model's frozen ViT-g + BLIP-2 Q-Former were pretrained on hundreds of millions of captioned
 images: what an object is, its colour and where it sits survive into the 32 query outputs of every
