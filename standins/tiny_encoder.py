@@ -81,7 +81,7 @@ def random_scenes(
     ``[n, 6]`` (TARGETS). The shape and the blocks are drawn at twice the size and 2x2 averaged. The fine
     noise is drawn at the final size with the spread that averaging it would leave (a quarter of the
     variance on background pixels, less where the shape covers part of a pixel): the same pixels in
-    distribution, a quarter of the random draws."""
+    distribution but for the clamp to 0..255, now after the averaging, and a quarter of the random draws."""
     r = 2 * size
 
     def rand(*shape):
