@@ -7,6 +7,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 # torch is pinned in the same pip command: 2.13.0 is a CPU wheel; a looser spec pulls a multi-GB CUDA build.
+# --no-compile: pip would byte-compile every module of every package (38 s of the 66 s install, measured
+# in docs/PERFORMANCE.md); Python compiles the few it imports on first use instead.
 TORCH   ?= torch==2.13.0
 DEMO    ?= demo_out
 export RAY_AUTH_MODE ?= disabled
@@ -18,7 +20,7 @@ export RAY_DEDUP_LOGS ?= 0
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)" -e '.[dev]'
+	$(BIN)/pip install -q --no-compile "$(TORCH)" -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/.installed
