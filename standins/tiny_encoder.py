@@ -91,7 +91,8 @@ def random_scenes(
     grey = 70 + 80 * rand(n, 1, 1, 1) + (rand(n, 3, 1, 1) - 0.5) * 24
     bh, bw = max(1, round(8 * r / 336)), max(1, round(8 * r / 596))
     blocks = torch.randn(n, 3, r // bh + 1, r // bw + 1, generator=gen) * 28
-    blocks = blocks.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :r, :r]
+    # grey + blocks on the coarse grid, then spread: the same sums as at full size, bh * bw times fewer
+    backdrop = (grey + blocks).repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :r, :r]
     noise = 12 * (0.5 + rand(n, 1, 1, 1))  # the fine noise's spread per pixel at twice the size
     # one shape: half its long side, half-height hh, half-width hw (squashed), centre (cx, cy), any colour
     half = r * (cfg.min_size + (cfg.max_size - cfg.min_size) * rand(n))
@@ -102,9 +103,11 @@ def random_scenes(
     cx = hw + 2 + (r - 2 * hw - 4) * rand(n)
     cy = hh + 2 + (r - 2 * hh - 4) * rand(n)
     colour = rand(n, 3) * 255
-    yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
-    u = (xx - cx[:, None, None]) / hw[:, None, None]
-    v = (yy - cy[:, None, None]) / hh[:, None, None]
+    # u across ([n, 1, r]) and v down ([n, r, 1]) the scene, in half-sides from the centre: the masks
+    # below broadcast them to [n, r, r] (a quarter of this function's time when built at full size)
+    pixel = torch.arange(r) + 0.5
+    u = (pixel - cx[:, None, None]) / hw[:, None, None]
+    v = (pixel[:, None] - cy[:, None, None]) / hh[:, None, None]
     inside = v.abs() <= 1
     circle, triangle = (
         (kind == KINDS.index("circle"))[:, None, None],
@@ -113,7 +116,7 @@ def random_scenes(
     mask = torch.where(
         circle, u**2 + v**2 <= 1, inside & (u.abs() <= torch.where(triangle, (v + 1) / 2, torch.ones(())))
     )  # squares and bars: the whole box; the triangle's apex is up (as in the corpus)
-    img = torch.where(mask[:, None], colour[:, :, None, None], grey + blocks)
+    img = torch.where(mask[:, None], colour[:, :, None, None], backdrop)
     img = nn.functional.avg_pool2d(img, 2)
     background = 1 - nn.functional.avg_pool2d(mask[:, None].float(), 2)  # share of each pixel not the shape
     img = img + torch.randn(n, 3, size, size, generator=gen) * (noise / 2) * background.sqrt()
