@@ -141,7 +141,10 @@ def write_clip(
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.bit_rate = bit_rate
-    stream.options = {"preset": "veryfast", "g": str(2 * fps)}
+    # one x264 thread: its frame threads (by default 1.5 per core) made the rate control depend on timing,
+    # so a busy machine encoded 1 clip of 321 differently, and the bytes on the machine's core count; the
+    # corpus is encoded by one process per core instead (make_grounded_sample's workers)
+    stream.options = {"preset": "veryfast", "g": str(2 * fps), "threads": "1"}
     chunk = 50  # generate frames in chunks to keep memory small for long clips
     for start in range(0, n, chunk):
         for img in render(start, min(chunk, n - start)):

@@ -73,11 +73,12 @@ def test_read_factors_matches_whole_words():
 
 
 def test_make_sample_grounded_writes_both_splits_with_factors_and_faults(tmp_path):
-    """Small clips (the layout, columns and faulty rows are what this checks; sizes are the default's)."""
+    """Small clips (the layout, columns and faulty rows are what this checks; sizes are the default's;
+    192x128 is the least at which x264 would choose 2 threads of its own on 2 cores)."""
     small = GroundedSettings(
         per_combination=1, heldout_per_combination=0, novel_per_combination=1, seconds=(1.0, 1.0)
     )
-    paths = make_grounded_sample(tmp_path, small, width=96, height=64, fps=4, faults=True, workers=1)
+    paths = make_grounded_sample(tmp_path, small, width=192, height=128, fps=4, faults=True, workers=1)
     rows = {s: list(csv.DictReader((Path(paths[s]) / "0.csv").open())) for s in ("train", "heldout")}
     assert len(rows["train"]) == 44 + 3 and len(rows["heldout"]) == 4
     good = [r for r in rows["train"] if r["colour"]]
@@ -91,6 +92,17 @@ def test_make_sample_grounded_writes_both_splits_with_factors_and_faults(tmp_pat
         "9000000003",
     ]
     assert {r["combination"] for r in rows["heldout"]} == {"novel"}
+    # the same bytes from 2 worker processes: one x264 thread per clip (its frame threads made the rate
+    # control depend on timing, and the stream on the machine's core count); x264 writes its options in
+    videos = sorted(Path(paths["videos"]).rglob("*.mp4"))
+    again = make_grounded_sample(
+        tmp_path / "again", small, width=192, height=128, fps=4, faults=True, workers=2
+    )
+    for video in videos:
+        data = video.read_bytes()
+        same = data == (Path(again["videos"]) / video.relative_to(paths["videos"])).read_bytes()
+        one_thread = not data or b" threads=1 lookahead_threads=1 " in data  # the empty faulty row
+        assert same and one_thread, (video, same, one_thread)
 
 
 # ---- tiny-llm --------------------------------------------------------------------------------------------
