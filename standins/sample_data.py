@@ -141,10 +141,12 @@ def write_clip(
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.bit_rate = bit_rate
-    # one x264 thread: its frame threads (by default 1.5 per core) made the rate control depend on timing,
-    # so a busy machine encoded 1 clip of 321 differently, and the bytes on the machine's core count; the
-    # corpus is encoded by one process per core instead (make_grounded_sample's workers)
-    stream.options = {"preset": "veryfast", "g": str(2 * fps), "threads": "1"}
+    # The same frames must give the same bytes, so that a rerun trains on the same corpus. Two x264
+    # defaults broke that (one clip of 321 came out differently in a rerun): its macroblock tree reads
+    # memory it has not written (glibc's MALLOC_PERTURB_ changes the stream), and its frame threads (1.5
+    # per core) make the stream depend on the machine's core count. So: no mbtree, one thread per clip
+    # (make_grounded_sample encodes clips in one process per core instead).
+    stream.options = {"preset": "veryfast", "g": str(2 * fps), "threads": "1", "mbtree": "0"}
     chunk = 50  # generate frames in chunks to keep memory small for long clips
     for start in range(0, n, chunk):
         for img in render(start, min(chunk, n - start)):
