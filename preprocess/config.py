@@ -12,10 +12,11 @@ from pipeline.config import MAX_FRAMES, ConfigError, WeightPaths, fingerprint
 # Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 OBJECT_STORE_MIN_MB = 75
 # The decoder child's address space (RLIMIT_AS = decode_memory_mb), measured on a 596x336 H.264 clip:
-# its libraries alone need 250-300 MB (below, every row fails as decode_error: "failed to map segment"),
-# and the sampled frames about 4x their size on top (8 frames at 2048 px failed under 600 MB and
-# decoded under 1000; at 4096 px failed under 1000, decoded under 2000).
-DECODER_BASE_MB = 300
+# its libraries alone need 300-340 MB (below, every row fails as decode_error: "failed to map segment"):
+# PyAV 18.1.0 took 320 MB, 18.1.1 (more codec libraries in its wheel) 340, about 30 MB more mapped after
+# `import numpy, decord, av`; the sampled frames take about 4x their size on top (8 frames at 2048 px
+# failed under 600 MB and decoded under 1000; at 4096 px failed under 1000, decoded under 2000).
+DECODER_BASE_MB = 340
 DECODER_FRAME_FACTOR = 4
 
 
