@@ -6,7 +6,8 @@
   tiny encoder (64 scenes), the tiny LLM (32 x 80 tokens) and stage 1 (16 clips of cached features),
   alternating in one process so the ratios hold on a loaded machine;
 * torch's thread count: the same steps at 1 and 2 threads, with the CPU seconds they cost (an OpenMP
-  thread that waits for work spins, so on a busy 2-core machine 2 threads can cost far more CPU).
+  thread that waits for work spins, so on a busy 2-core machine 2 threads can cost far more CPU);
+* drawing the tiny encoder's 64 scenes of a step (``random_scenes``), beside the step it feeds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.model import FrozenEncoder, VideoLLaMA, clip_from_frames, frame_features, tiny
-from standins.tiny_encoder import TinyEncoderConfig, random_scenes
+from standins.tiny_encoder import KINDS, TARGETS, TinyEncoderConfig, random_scenes
 from standins.tiny_llm import build_llm
 
 MCFG = tiny()
@@ -32,7 +33,7 @@ def autocast(bf16: bool):
 
 def encoder_step(bf16: bool):
     """One tiny-encoder training step as standins.tiny_encoder.train_encoder takes it."""
-    enc, head = FrozenEncoder(MCFG, seed=0), nn.Linear(MCFG.feature_dim, 9)
+    enc, head = FrozenEncoder(MCFG, seed=0), nn.Linear(MCFG.feature_dim, len(KINDS) + len(TARGETS))
     params = [*enc.parameters(), *head.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -44,8 +45,8 @@ def encoder_step(bf16: bool):
     def step():
         with autocast(bf16):
             out = head(frame_features(enc, clip_from_frames(images[:, None]))[:, 0].mean(1)).float()
-            loss = nn.functional.cross_entropy(out[:, :3], kind) + 10 * nn.functional.mse_loss(
-                out[:, 3:], targets
+            loss = nn.functional.cross_entropy(out[:, : len(KINDS)], kind) + 10 * nn.functional.mse_loss(
+                out[:, len(KINDS) :], targets
             )
         opt.zero_grad()
         loss.backward()
@@ -123,6 +124,16 @@ def main() -> None:
         print(
             f"  {name:13s} fp32 {a * 1e3:7.1f} ms  bf16 {b * 1e3:7.1f} ms  bf16/fp32 {b / a:.2f}", flush=True
         )
+    cfg, gen = TinyEncoderConfig(output="x"), torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            random_scenes(64, MCFG.image_size, cfg, gen)
+        draws.append((time.perf_counter() - t) / args.steps)
+    print(
+        f"  tiny-encoder  drawing its 64 scenes: {np.median(draws) * 1e3:7.1f} ms per step (fp32 step above)"
+    )
     print("fp32 at 1 vs 2 threads, wall and CPU seconds per step (alternating rounds):")
     for name, make in parts:
         runs = {1: [], 2: []}
