@@ -92,8 +92,8 @@ def test_make_sample_grounded_writes_both_splits_with_factors_and_faults(tmp_pat
         "9000000003",
     ]
     assert {r["combination"] for r in rows["heldout"]} == {"novel"}
-    # the same bytes from 2 worker processes: one x264 thread per clip (its frame threads made the rate
-    # control depend on timing, and the stream on the machine's core count); x264 writes its options in
+    # the same bytes from 2 worker processes, and one x264 thread per clip (its frame threads make the
+    # stream depend on the machine's core count): x264 writes its options into the stream
     videos = sorted(Path(paths["videos"]).rglob("*.mp4"))
     again = make_grounded_sample(
         tmp_path / "again", small, width=192, height=128, fps=4, faults=True, workers=2
